@@ -1,0 +1,1 @@
+"""TokenFlow: consistent text-driven video editing with any Stable Diffusion checkpoint."""
