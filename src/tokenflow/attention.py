@@ -1,0 +1,250 @@
+"""Attention processors and feature hooks for TokenFlow and Plug-and-Play, installed on a diffusers UNet.
+
+Every UNet call made by the editor carries three branches stacked on the batch axis, ``n`` frames each:
+
+    [ source (x_t^src, inversion prompt) | uncond (edited, negative prompt) | cond (edited, target prompt) ]
+
+The processors replace the self-attention (``attn1``) of every transformer block and read one
+:class:`TokenFlowState`, owned by the editor and reset per edit. Nothing is stored on the modules, and
+:func:`tokenflow_attention` restores the UNet's original processors and removes its hooks on exit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .correspondence import gather_tokens, nearest_neighbors
+
+__all__ = [
+    "NUM_BRANCHES",
+    "KeyframeTokens",
+    "TokenFlowState",
+    "TokenFlowAttnProcessor",
+    "LayerSelection",
+    "select_layers",
+    "tokenflow_attention",
+]
+
+NUM_BRANCHES = 3  # source, uncond, cond
+SOURCE = 0
+
+
+@dataclass
+class KeyframeTokens:
+    """What the keyframe pass leaves in one self-attention layer for the propagation pass."""
+
+    source_inputs: torch.Tensor  # [K, L, C] the source branch's attention input tokens (after norm1)
+    outputs: torch.Tensor  # [3, K, L, C] attention outputs of all branches (after to_out)
+
+
+@dataclass
+class TokenFlowState:
+    """The one mutable object of an edit, shared by the processors and hooks it installs.
+
+    ``mode``: ``"default"`` (plain attention), ``"keyframe"`` (attention computed, optionally extended across the
+    call's frames and stored) or ``"propagate"`` (attention replaced by keyframe tokens gathered along the source
+    nearest-neighbour field and blended with ``next_weight``).
+    """
+
+    mode: str = "default"
+    extended: bool = True
+    store: bool = False
+    qk_inject: bool = False
+    conv_inject: bool = False
+    prev_index: torch.Tensor | None = None  # [n] positions into the stored keyframes
+    next_index: torch.Tensor | None = None
+    next_weight: torch.Tensor | None = None  # [n] float32
+    cache: dict[str, KeyframeTokens] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.mode = "default"
+        self.extended = True
+        self.store = self.qk_inject = self.conv_inject = False
+        self.prev_index = self.next_index = self.next_weight = None
+        self.cache.clear()
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, length, dim = x.shape
+    return x.view(b, length, heads, dim // heads).transpose(1, 2)
+
+
+def extended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Each frame's queries attend to the keys/values of all ``n`` frames concatenated.
+
+    ``q, k, v``: ``[B, n, heads, L, d]`` -> ``[B, n, heads, L, d]``. One fused scaled-dot-product attention over the
+    ``n * L`` tokens (memory linear in ``n`` with flash/memory-efficient kernels), no per-frame copy of K/V.
+    """
+    b, n, h, length, d = q.shape
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 1, 3, 4).reshape(b, h, n * x.shape[3], d)
+
+    out = F.scaled_dot_product_attention(flat(q), flat(k), flat(v))
+    return out.view(b, h, n, length, d).permute(0, 2, 1, 3, 4)
+
+
+class TokenFlowAttnProcessor:
+    """Self-attention processor for TokenFlow keyframe attention, propagation and PnP q/k injection."""
+
+    def __init__(self, state: TokenFlowState, name: str, inject_qk: bool = False):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.state = state
+        self.name = name
+        self.inject_qk = inject_qk
+        self._default = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        state = self.state
+        if (
+            state.mode == "default"
+            or encoder_hidden_states is not None
+            or attention_mask is not None
+            or hidden_states.ndim != 3
+        ):
+            return self._default(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if state.mode == "propagate":
+            return self._propagate(hidden_states)
+        return self._keyframe_attention(attn, hidden_states)
+
+    def _keyframe_attention(self, attn, hidden_states: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        total, length, _ = hidden_states.shape
+        n = total // NUM_BRANCHES
+        residual = hidden_states
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if state.qk_inject and self.inject_qk:
+            # Plug-and-Play: the edited branches take the source branch's queries and keys (values kept).
+            q = q[:n].repeat(NUM_BRANCHES, 1, 1)
+            k = k[:n].repeat(NUM_BRANCHES, 1, 1)
+        q, k, v = (_split_heads(x, attn.heads) for x in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if state.extended and n > 1:
+            per_frame = F.scaled_dot_product_attention(q[:n], k[:n], v[:n])  # the source branch stays per frame
+            shape = (NUM_BRANCHES - 1, n) + q.shape[1:]
+            joint = extended_attention(q[n:].view(shape), k[n:].view(shape), v[n:].view(shape))
+            out = torch.cat([per_frame, joint.reshape((NUM_BRANCHES - 1) * n, *q.shape[1:])])
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(total, length, -1).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        out = out / attn.rescale_output_factor
+        if state.store:
+            state.cache[self.name] = KeyframeTokens(
+                source_inputs=hidden_states[:n].detach(),
+                outputs=out.view(NUM_BRANCHES, n, length, -1).detach(),
+            )
+        return out
+
+    def _propagate(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        stored = state.cache[self.name]
+        total, length, dim = hidden_states.shape
+        n = total // NUM_BRANCHES
+        source = hidden_states[:n]  # correspondences come from the source video only
+        result = []
+        for f in range(n):  # one frame at a time bounds the [L, L] similarity matrix
+            j_next, j_prev = int(state.next_index[f]), int(state.prev_index[f])
+            nn_next = nearest_neighbors(source[f : f + 1], stored.source_inputs[j_next : j_next + 1])
+            out = gather_tokens(stored.outputs[:, j_next : j_next + 1], nn_next)
+            w = state.next_weight[f]
+            if j_prev != j_next or w != 1.0:
+                nn_prev = nearest_neighbors(source[f : f + 1], stored.source_inputs[j_prev : j_prev + 1])
+                prev = gather_tokens(stored.outputs[:, j_prev : j_prev + 1], nn_prev)
+                w = w.to(out.device)
+                out = (w * out.float() + (1 - w) * prev.float()).to(out.dtype)
+            result.append(out)
+        return torch.cat(result, dim=1).reshape(total, length, dim)
+
+
+@dataclass
+class LayerSelection:
+    """Which layers the features touch, chosen by role so SD 1.x, 2.x and SDXL layouts all fit.
+
+    ``tokenflow``: every transformer self-attention (``*.attn1``) processor. ``qk``: PnP q/k injection in the decoder
+    self-attention, skipping the first ``skip_first_decoder_attention`` attention modules (the coarsest ones, as
+    the reference does). ``conv``: the ResNet whose residual features PnP injects (second ResNet of the second
+    decoder block). Explicit ``fnmatch`` patterns override the role-based choice.
+    """
+
+    skip_first_decoder_attention: int = 1
+    conv_block: int = 1
+    conv_resnet: int = 1
+    qk_patterns: Sequence[str] | None = None
+    conv_patterns: Sequence[str] | None = None
+
+
+def _attention_module(name: str) -> str:
+    match = re.match(r"(.*\.attentions\.\d+)\.", name)
+    return match.group(1) if match else name
+
+
+def select_layers(unet, selection: LayerSelection | None = None) -> tuple[list[str], list[str], list[str]]:
+    """(self-attention processor names, PnP q/k processor names, PnP conv module names) of ``unet``."""
+    selection = selection or LayerSelection()
+    self_attn = [name for name in unet.attn_processors if name.endswith("attn1.processor")]
+    if selection.qk_patterns is not None:
+        qk = [n for n in self_attn if any(fnmatch.fnmatch(n, p) for p in selection.qk_patterns)]
+    else:
+        decoder = [n for n in self_attn if n.startswith("up_blocks.")]
+        modules = list(dict.fromkeys(_attention_module(n) for n in decoder))
+        kept = set(modules[selection.skip_first_decoder_attention :])
+        qk = [n for n in decoder if _attention_module(n) in kept]
+    resnets = [name for name, module in unet.named_modules() if type(module).__name__ == "ResnetBlock2D"]
+    if selection.conv_patterns is not None:
+        conv = [n for n in resnets if any(fnmatch.fnmatch(n, p) for p in selection.conv_patterns)]
+    else:
+        target = f"up_blocks.{selection.conv_block}.resnets.{selection.conv_resnet}"
+        conv = [n for n in resnets if n == target]
+    return self_attn, qk, conv
+
+
+def _conv_injection_hook(state: TokenFlowState):
+    """Forward hook on a ResNet's ``conv2``: the edited branches take the source branch's residual features
+    (after conv2, before the shortcut is added; each branch keeps its own shortcut)."""
+
+    def hook(module, args, output):
+        if not state.conv_inject:
+            return None
+        n = output.shape[0] // NUM_BRANCHES
+        return output[:n].repeat(NUM_BRANCHES, 1, 1, 1)
+
+    return hook
+
+
+@contextmanager
+def tokenflow_attention(
+    unet, state: TokenFlowState, selection: LayerSelection | None = None
+) -> Iterator[tuple[list[str], list[str], list[str]]]:
+    """Install the processors and hooks on ``unet`` for the duration of the block; restore it exactly on exit."""
+    self_attn, qk, conv = select_layers(unet, selection)
+    original = unet.attn_processors
+    processors = dict(original)
+    qk_set = set(qk)
+    for name in self_attn:
+        processors[name] = TokenFlowAttnProcessor(state, name, inject_qk=name in qk_set)
+    handles = []
+    try:
+        unet.set_attn_processor(processors)
+        for name in conv:
+            handles.append(unet.get_submodule(name).conv2.register_forward_hook(_conv_injection_hook(state)))
+        yield self_attn, qk, conv
+    finally:
+        for handle in handles:
+            handle.remove()
+        unet.set_attn_processor(original)

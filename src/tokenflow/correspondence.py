@@ -1,0 +1,84 @@
+"""Nearest-neighbour token correspondences and keyframe blending weights (pure tensor functions).
+
+TokenFlow (Geyer et al., ICLR 2024, section 4.2) propagates edited keyframe features to every frame along
+the nearest-neighbour field of the *source* video's self-attention input tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "nearest_neighbors",
+    "gather_tokens",
+    "linear_neighbors",
+    "reference_neighbors",
+]
+
+
+def nearest_neighbors(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Index of each query token's most cosine-similar key token.
+
+    ``queries`` ``[n, L, C]``, ``keys`` ``[n, M, C]`` (one key frame per query frame) -> ``[n, L]`` long.
+    Rows are divided by their L2 norm (no epsilon) and compared in float32, as the reference does; ties go to
+    the first index.
+    """
+    q = queries.float()
+    k = keys.float()
+    q = q / q.norm(dim=-1, keepdim=True)
+    k = k / k.norm(dim=-1, keepdim=True)
+    return torch.bmm(q, k.transpose(1, 2)).argmax(dim=-1)
+
+
+def gather_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values`` ``[B, n, M, C]``, ``index`` ``[n, L]`` -> ``[B, n, L, C]``: token ``index[f, l]`` of frame ``f``."""
+    b, n, _, c = values.shape
+    idx = index[None, :, :, None].expand(b, n, index.shape[1], c)
+    return torch.gather(values, 2, idx)
+
+
+def linear_neighbors(frames: list[int], keyframes: list[int]) -> tuple[list[int], list[int], list[float]]:
+    """This project's blending: for each frame, the sampled keyframes just before and after it in time.
+
+    Returns (previous keyframe position, next keyframe position, weight of the next one), positions indexing
+    ``keyframes`` (sorted). The weight is linear in temporal distance; a frame before the first (after the last)
+    keyframe takes that keyframe alone, and a keyframe is its own neighbour with weight 1.
+    """
+    prev, nxt, weights = [], [], []
+    for f in frames:
+        after = [j for j, k in enumerate(keyframes) if k >= f]
+        before = [j for j, k in enumerate(keyframes) if k <= f]
+        j_next = after[0] if after else before[-1]
+        j_prev = before[-1] if before else j_next
+        k_prev, k_next = keyframes[j_prev], keyframes[j_next]
+        w = 1.0 if k_next == k_prev else (f - k_prev) / (k_next - k_prev)
+        prev.append(j_prev)
+        nxt.append(j_next)
+        weights.append(w)
+    return prev, nxt, weights
+
+
+def reference_neighbors(frames: list[int], batch_size: int) -> tuple[list[int], list[int], list[float]]:
+    """The public reference's blending (reference-exact.md, item 22), for reproducing its numbers.
+
+    Frame ``s`` of chunk ``i`` mixes keyframe ``i`` (weight ``w1``) with keyframe ``i - 1``, where
+    ``w1 = sigmoid(d2 / (d1 + d2))`` with distances to the nominal chunk centres; the first chunk takes keyframe 0
+    alone and the next keyframe is never used. Same return layout as :func:`linear_neighbors`
+    (``prev``, ``next`` = own chunk's keyframe, weight of ``next``).
+    """
+    prev, nxt, weights = [], [], []
+    for s in frames:
+        i = s // batch_size
+        if i == 0:
+            prev.append(0)
+            nxt.append(0)
+            weights.append(1.0)
+            continue
+        p1 = i * batch_size + batch_size // 2
+        p2 = (i - 1) * batch_size + batch_size // 2
+        d1, d2 = abs(s - p1), abs(s - p2)
+        w1 = torch.sigmoid(torch.tensor(d2 / (d1 + d2), dtype=torch.float32)).item()
+        prev.append(i - 1)
+        nxt.append(i)
+        weights.append(w1)
+    return prev, nxt, weights

