@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +125,23 @@ def _hub_revision(model_id: str, revision: str | None) -> str | None:
         return revision
 
 
+def _load_pipeline(cls, model: str, path: Path, revision, local_files_only: bool, kwargs: dict):
+    with warnings.catch_warnings():
+        # newer diffusers rename torch_dtype to dtype; the old name works on every supported version
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        if path.is_file():
+            if path.suffix not in SINGLE_FILE_SUFFIXES:
+                raise ModelLoadError(f"--model {model}: not a model file; pass a .safetensors/.ckpt file or a folder")
+            return cls.from_single_file(str(path), **kwargs)
+        if path.is_dir():
+            if not (path / "model_index.json").exists():
+                raise ModelLoadError(
+                    f"--model {model}: not a diffusers folder (no model_index.json); pass a Stable Diffusion folder"
+                )
+            return cls.from_pretrained(str(path), **kwargs)
+        return cls.from_pretrained(model, revision=revision, local_files_only=local_files_only, **kwargs)
+
+
 def load_model(
     model: str | Path = DEFAULT_MODEL,
     device: str | torch.device = "auto",
@@ -146,20 +164,7 @@ def load_model(
         raise ModelLoadError(f"--model {model}: no such file or folder; check the path, or pass a hub id")
     kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
-        if path.is_file():
-            if path.suffix not in SINGLE_FILE_SUFFIXES:
-                raise ModelLoadError(f"--model {model}: not a model file; pass a .safetensors/.ckpt file or a folder")
-            pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-        elif path.is_dir():
-            if not (path / "model_index.json").exists():
-                raise ModelLoadError(
-                    f"--model {model}: not a diffusers folder (no model_index.json); pass a Stable Diffusion folder"
-                )
-            pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                model, revision=revision, local_files_only=bool(local_files_only), **kwargs
-            )
+        pipe = _load_pipeline(StableDiffusionPipeline, model, path, revision, bool(local_files_only), kwargs)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"

@@ -1,0 +1,307 @@
+"""One edit run from a video file to an output folder: read, invert (cached), edit, decode, write.
+
+The CLI and any other interface call :func:`edit_video` / :func:`invert_video`; they hold no algorithm.
+Everything is written to a temporary folder beside the destination and moved into place at the end, so a
+failed or interrupted run leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import video as video_io
+from .editor import DEFAULT_NEGATIVE_PROMPT, EditConfig, EditOutput, TokenFlowEditor
+from .errors import InputError
+from .inversion import InversionCache, SourceLatents
+from .models import DEFAULT_MODEL, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunOptions", "RunResult", "edit_video", "invert_video"]
+
+MIN_LATENT_SIDE = 8  # latent pixels the UNet's deepest level still needs (SD: 3 downsamplings)
+
+
+@dataclass
+class RunOptions:
+    """Every option of ``tokenflow edit`` / ``tokenflow invert`` (same names as the command-line flags)."""
+
+    video: str | Path
+    prompt: str = ""
+    out: str | Path | None = None
+    model: str = DEFAULT_MODEL
+    inversion_prompt: str = ""
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    propagation: str = "tokenflow"
+    blending: str = "linear"
+    keyframes: str | Sequence = "random"
+    size: int = 512
+    max_frames: int | None = None
+    start: int = 0
+    stride: int = 1
+    steps: int = 50
+    inversion_steps: int = 500
+    guidance_scale: float = 7.5
+    batch_size: int = 8
+    pnp_attn_t: float = 0.5
+    pnp_f_t: float = 0.8
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: str | Path | None = None
+    save_latents: bool = False
+    evaluate: bool = False
+    quiet: bool = False
+
+    def edit_config(self) -> EditConfig:
+        return EditConfig(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            inversion_prompt=self.inversion_prompt,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            batch_size=self.batch_size,
+            pnp_attn_t=self.pnp_attn_t,
+            pnp_f_t=self.pnp_f_t,
+            propagation=self.propagation,
+            blending=self.blending,
+            keyframes=self.keyframes,
+            seed=self.seed,
+        )
+
+    def check_inputs(self, editing: bool = True) -> None:
+        """Cheap checks that run before any heavy work; each raises one :class:`InputError` line."""
+        if editing:
+            self.edit_config().check_inputs()
+        if self.size < 8 * MIN_LATENT_SIDE:
+            raise InputError(f"--size {self.size} is too small for Stable Diffusion; use --size 64 or more (512 is native)")
+        if self.inversion_steps < 1:
+            raise InputError(f"--inversion-steps {self.inversion_steps}: must be at least 1")
+        if self.steps < 1:
+            raise InputError(f"--steps {self.steps}: must be at least 1")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
+        device = resolve_device(self.device)
+        resolve_dtype(self.dtype, device)
+        if self.keyframes not in ("random", "fixed") and isinstance(self.keyframes, (str, Path)):
+            if not Path(self.keyframes).is_file():
+                raise InputError(f"--keyframes {self.keyframes}: no such file; pass random, fixed or a JSON file")
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    frames: int
+    width: int
+    height: int
+    fps: float
+    cache_hit: bool
+    report: dict = field(default_factory=dict)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("tokenflow", "torch", "diffusers", "transformers", "av", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _default_out(options: RunOptions) -> Path:
+    params = {k: str(v) for k, v in asdict(options).items() if k not in ("out", "quiet", "evaluate")}
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return Path("tokenflow-out") / f"{Path(options.video).stem}-{digest}"
+
+
+def _prepare(options: RunOptions, editor: TokenFlowEditor | None):
+    """Read and resize the frames, load the model: what both commands need."""
+    timings = {}
+    started = time.perf_counter()
+    frames, info = video_io.load_frames(options.video, options.start, options.stride, options.max_frames)
+    timings["read"] = time.perf_counter() - started
+    started = time.perf_counter()
+    if editor is None:
+        editor = TokenFlowEditor.from_pretrained(options.model, device=options.device, dtype=options.dtype)
+    timings["load_model"] = time.perf_counter() - started
+    model = editor.model
+    factor = model.vae_scale_factor
+    width, height = video_io.working_size(info.width, info.height, options.size, multiple=factor)
+    depth = 2 ** (len(model.unet.config.down_block_types) - 1)
+    if min(width, height) < factor * depth:
+        raise InputError(
+            f"--size {options.size} is too small for {options.model}: the short side must be at least "
+            f"{factor * depth} px; use a larger --size"
+        )
+    frames = video_io.resize_frames(frames, width, height)
+    return editor, frames, info, timings
+
+
+def _invert(editor: TokenFlowEditor, frames: np.ndarray, options: RunOptions, timings: dict):
+    hits = []
+    started = time.perf_counter()
+    source = editor.invert(
+        torch.from_numpy(frames),
+        inversion_prompt=options.inversion_prompt,
+        steps=options.steps,
+        inversion_steps=options.inversion_steps,
+        batch_size=options.batch_size,
+        cache=InversionCache(options.cache_dir),
+        progress=not options.quiet,
+        on_cache_hit=hits.append,
+    )
+    timings["inversion"] = time.perf_counter() - started
+    return source, bool(hits)
+
+
+def invert_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> SourceLatents:
+    """Precompute and cache the inversion of a video (``tokenflow invert``)."""
+    options.check_inputs(editing=False)
+    editor, frames, _, timings = _prepare(options, editor)
+    source, hit = _invert(editor, frames, options, timings)
+    logger.info(
+        "inversion %s in %.1f s (%d frames %dx%d; reconstruction PSNR %s dB)",
+        "cache hit" if hit else "done",
+        timings["inversion"],
+        frames.shape[0],
+        frames.shape[2],
+        frames.shape[1],
+        "n/a" if source.reconstruction_psnr is None else f"{source.reconstruction_psnr:.2f}",
+    )
+    return source
+
+
+def edit_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> RunResult:
+    """Edit a video end to end and write the run folder (``tokenflow edit``).
+
+    Outputs: ``edited.mp4`` (source fps / stride, with the source's audio for the selected range),
+    ``source.mp4``, ``side_by_side.mp4``, ``preview.png``, ``run.json`` and optionally ``latents.safetensors``.
+    """
+    options.check_inputs()
+    out_dir = Path(options.out) if options.out is not None else _default_out(options)
+    editor, frames, info, timings = _prepare(options, editor)
+    source, cache_hit = _invert(editor, frames, options, timings)
+    config = options.edit_config()
+    result = editor.edit(source, config, progress=not options.quiet)
+    timings["edit"] = result.seconds
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
+    try:
+        started = time.perf_counter()
+        fps = info.fps / options.stride
+        _write_outputs(staging, editor, result, frames, info, options, fps)
+        timings["decode_write"] = time.perf_counter() - started
+        if options.save_latents:
+            _save_latents(staging / "latents.safetensors", result, source)
+        report = _run_report(options, editor, info, frames, fps, source, cache_hit, result, timings)
+        if options.evaluate:
+            from .metrics import evaluate_files
+
+            started = time.perf_counter()
+            evaluation = evaluate_files(staging / "source.mp4", staging / "edited.mp4", prompt=options.prompt)
+            report["eval"] = evaluation.summary()
+            report["timings"]["eval"] = time.perf_counter() - started
+            logger.info("\n%s", evaluation.format_table())
+        (staging / "run.json").write_text(json.dumps(report, indent=1, default=str))
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("wrote %s", out_dir)
+    return RunResult(
+        out_dir=out_dir,
+        frames=frames.shape[0],
+        width=frames.shape[2],
+        height=frames.shape[1],
+        fps=fps,
+        cache_hit=cache_hit,
+        report=report,
+    )
+
+
+def _write_outputs(staging: Path, editor, result: EditOutput, frames: np.ndarray, info, options, fps) -> None:
+    n, height, width = frames.shape[:3]
+    audio = dict(audio_from=info.path, audio_start=options.start / info.fps, audio_end=(options.start + n * options.stride) / info.fps) if info.has_audio else {}
+    previews = []
+    pick = set(np.linspace(0, n - 1, min(4, n)).round().astype(int).tolist())
+    with (
+        video_io.VideoWriter(staging / "edited.mp4", fps, width, height, **audio) as edited_out,
+        video_io.VideoWriter(staging / "source.mp4", fps, width, height, **audio) as source_out,
+        video_io.VideoWriter(staging / "side_by_side.mp4", fps, 2 * width, height, **audio) as both_out,
+    ):
+        batch = max(1, options.batch_size)
+        bar = tqdm(total=n, desc="decoding", unit="frame", disable=options.quiet)
+        for start in range(0, n, batch):
+            decoded = editor.model.decode_latents(result.latents[start : start + batch]).numpy()
+            for i, frame in enumerate(decoded, start=start):
+                edited_out.write(frame)
+                source_out.write(frames[i])
+                both_out.write(video_io.side_by_side(frames[i], frame))
+                if i in pick:
+                    previews.append((frames[i], frame))
+            bar.update(len(decoded))
+        bar.close()
+    sheet = video_io.contact_sheet([p[0] for p in previews], [p[1] for p in previews], columns=len(previews))
+    sheet.save(staging / "preview.png")
+
+
+def _save_latents(path: Path, result: EditOutput, source: SourceLatents) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"final": result.latents.contiguous()}
+    tensors.update({f"source_t{t}": v.contiguous() for t, v in source.noisy.items()})
+    save_file(tensors, str(path))
+
+
+def _run_report(options, editor, info, frames, fps, source, cache_hit, result: EditOutput, timings) -> dict:
+    model = editor.model
+    params = {f.name: getattr(options, f.name) for f in fields(options)}
+    params = json.loads(json.dumps(params, default=str))
+    return dict(
+        prompt=options.prompt,
+        parameters=params,
+        model=dict(id=model.model_id, revision=model.revision, device=str(model.device), dtype=str(model.dtype)),
+        versions=_versions(),
+        seed=options.seed,
+        video=dict(path=str(info.path), width=info.width, height=info.height, fps=info.fps, has_audio=info.has_audio,
+                   rotation=info.rotation),
+        output=dict(frames=int(frames.shape[0]), width=int(frames.shape[2]), height=int(frames.shape[1]), fps=fps),
+        inversion_psnr=source.reconstruction_psnr,
+        inversion_cache_hit=cache_hit,
+        keyframes=result.keyframes,
+        timesteps=result.timesteps,
+        unet_frame_evaluations=result.unet_frame_evaluations,
+        timings={k: round(v, 3) for k, v in timings.items()},
+    )
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``staging`` with renames only (same filesystem), old output removed last."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
