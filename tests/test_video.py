@@ -1,0 +1,513 @@
+"""Tests for tokenflow.video: probing, frame selection, sizing, writing with audio, bad input."""
+
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from tokenflow.errors import InputError
+from tokenflow.video import (
+    VideoInfo,
+    VideoWriter,
+    contact_sheet,
+    load_frames,
+    make_pan_clip,
+    pan_frames,
+    probe,
+    read_frames,
+    resize_frames,
+    side_by_side,
+    working_size,
+    write_video,
+)
+
+N, W, H, SHIFT, FPS = 16, 192, 128, 6, 10
+
+
+def photo_crop(i: int, width: int = W, height: int = H, shift: int = SHIFT) -> np.ndarray:
+    """Frame i of the default pan, computed straight from the photo (independent of pan_frames)."""
+    photo = skimage.data.astronaut()
+    top = (photo.shape[0] - height) // 2
+    return photo[top : top + height, i * shift : i * shift + width]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("clips")
+    paths = {
+        "mkv": root / "pan.mkv",  # lossless FFV1: exact pixels
+        "mp4": root / "pan.mp4",  # H.264, no audio
+        "mp4_audio": root / "pan_audio.mp4",  # H.264 + AAC tone, 2 s
+        "gif": root / "pan.gif",
+        "png": root / "frames",
+    }
+    make_pan_clip(paths["mkv"])
+    make_pan_clip(paths["mp4"])
+    make_pan_clip(paths["mp4_audio"], num_frames=20, audio=True)
+    make_pan_clip(paths["gif"])
+    make_pan_clip(paths["png"])
+    return paths
+
+
+def decoded_audio(path: Path) -> tuple[np.ndarray, int, str]:
+    """All audio samples of the first audio stream (mono mix), its rate and codec name.
+
+    Also checks that the audio starts with the video (at t = 0), not delayed or early.
+    """
+    with av.open(str(path)) as container:
+        assert container.streams.audio, f"{path} has no audio stream"
+        stream = container.streams.audio[0]
+        frames = list(container.decode(stream))
+        assert abs(float(frames[0].pts * frames[0].time_base)) < 0.05
+        chunks = [frame.to_ndarray().reshape(frame.samples, -1).mean(axis=1)
+                  if not frame.format.is_planar else frame.to_ndarray().mean(axis=0)
+                  for frame in frames]
+        return np.concatenate(chunks).astype(np.float64), stream.sample_rate, stream.codec_context.name
+
+
+def write_clip_with_audio(path: Path, seconds: float, signal, audio_codec: str = "aac", fps: int = 10) -> None:
+    """A small clip whose audio is signal(t) (t in seconds), written with PyAV directly."""
+    rate = 44100
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = container.add_stream(audio_codec, rate=rate, layout="mono")
+        t = np.arange(round(seconds * rate)) / rate
+        frame = av.AudioFrame.from_ndarray(signal(t).astype(np.float32)[None], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)
+        container.mux(audio.encode(frame))
+        container.mux(audio.encode(None))
+        for i in range(round(seconds * fps)):
+            image = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 8 % 256, np.uint8), format="rgb24")
+            image.pts = i
+            container.mux(video.encode(image))
+        container.mux(video.encode(None))
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(x**2)))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def test_pan_clip_motion_is_exact(clips):
+    frames, info = load_frames(clips["mkv"])
+    assert frames.shape == (N, H, W, 3) and frames.dtype == np.uint8
+    for i in (0, 1, 7, 15):
+        np.testing.assert_array_equal(frames[i], photo_crop(i))
+    # frame i+1 is frame i moved left by SHIFT pixels
+    np.testing.assert_array_equal(frames[1:, :, :-SHIFT], frames[:-1, :, SHIFT:])
+    assert info.width == W and info.height == H and info.fps == pytest.approx(FPS)
+    assert info.rotation == 0 and not info.has_audio
+
+
+def test_probe_mp4(clips):
+    info = probe(clips["mp4"])
+    assert isinstance(info, VideoInfo)
+    assert (info.width, info.height, info.num_frames, info.has_audio, info.rotation) == (W, H, N, False, 0)
+    assert info.fps == pytest.approx(FPS)
+    assert info.path == clips["mp4"]
+    assert probe(clips["mp4_audio"]).has_audio
+
+
+def test_mp4_roundtrip_content(clips):
+    frames, info = load_frames(clips["mp4"])
+    assert frames.shape == (N, H, W, 3)
+    assert info.num_frames == N
+    ref = pan_frames()
+    # lossy but close; a wrong frame (off by one shift) would be far off
+    assert np.abs(frames.astype(int) - ref).mean() < 4
+    assert np.abs(frames[1:].astype(int) - ref[:-1]).mean() > 10
+
+
+@pytest.mark.parametrize(
+    "start, stride, max_frames",
+    [(0, 1, None), (3, 1, None), (0, 2, None), (1, 3, None), (2, 4, 2), (5, 1, 3), (15, 1, None), (0, 20, None)],
+)
+def test_selection_picks_the_right_frames(clips, start, stride, max_frames):
+    frames, _ = load_frames(clips["mkv"], start=start, stride=stride, max_frames=max_frames)
+    expected = list(range(start, N, stride))[: max_frames if max_frames else None]
+    assert len(frames) == len(expected)
+    for got, i in zip(frames, expected):
+        np.testing.assert_array_equal(got, photo_crop(i))
+
+
+def test_read_frames_streams_lazily(clips):
+    it = read_frames(clips["mkv"], start=4, stride=5)
+    assert iter(it) is it  # an iterator, not a list
+    first = next(it)
+    np.testing.assert_array_equal(first, photo_crop(4))
+    rest = list(it)
+    assert [f.shape for f in rest] == [(H, W, 3)] * 2  # frames 9 and 14
+
+
+def test_folder_of_pngs(clips):
+    info = probe(clips["png"])
+    assert (info.width, info.height, info.num_frames, info.fps, info.has_audio) == (W, H, N, 10.0, False)
+    frames, _ = load_frames(clips["png"], start=1, stride=5)
+    assert len(frames) == 3  # frames 1, 6, 11 (16 is past the end)
+    for got, i in zip(frames, (1, 6, 11)):
+        np.testing.assert_array_equal(got, photo_crop(i))
+
+
+def test_folder_sorts_numbers_numerically(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for value in (1, 2, 10):
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(folder / f"f{value}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    frames, info = load_frames(folder)
+    assert info.num_frames == 3
+    assert [int(f[0, 0, 0]) for f in frames] == [1, 2, 10]
+
+
+def test_gif(clips):
+    frames, info = load_frames(clips["gif"])
+    assert frames.shape == (N, H, W, 3)
+    assert info.fps == pytest.approx(10.0)
+    ref = pan_frames()
+    assert np.abs(frames.astype(int) - ref).mean() < 12  # palette-quantized
+
+
+def test_webm(tmp_path):
+    path = tmp_path / "pan.webm"
+    make_pan_clip(path, num_frames=6)
+    frames, info = load_frames(path, stride=2)
+    assert frames.shape == (3, H, W, 3)
+    assert info.fps == pytest.approx(FPS)
+    assert np.abs(frames.astype(int) - pan_frames(num_frames=6)[::2]).mean() < 6
+
+
+@pytest.mark.parametrize("ccw, rotation", [(-90, 90), (90, 270), (180, 180)])
+def test_rotation_metadata_is_applied(tmp_path, ccw, rotation):
+    path = tmp_path / f"rot{rotation}.mp4"
+    ref = pan_frames(num_frames=3)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10, options={"crf": "10"})
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.set_display_rotation(ccw)  # as a phone would store it
+        for i, frame in enumerate(ref):
+            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            vf.pts = i
+            container.mux(stream.encode(vf))
+        container.mux(stream.encode(None))
+
+    info = probe(path)
+    assert info.rotation == rotation
+    assert (info.width, info.height) == ((H, W) if rotation in (90, 270) else (W, H))
+    frames, _ = load_frames(path)
+    upright = np.rot90(ref, k=-rotation // 90, axes=(1, 2))  # clockwise by `rotation`
+    assert frames.shape == upright.shape
+    err = np.abs(frames.astype(int) - upright).mean()
+    assert err < 4
+    if rotation != 180:  # the opposite quarter turn has the same shape but must not match
+        wrong = np.rot90(ref, k=rotation // 90, axes=(1, 2))
+        assert np.abs(frames.astype(int) - wrong).mean() > 4 * err + 10
+    # OpenCV's own FFmpeg build auto-rotates too: an independent opinion on the direction
+    cv2 = pytest.importorskip("cv2")
+    capture = cv2.VideoCapture(str(path))
+    ok, bgr = capture.read()
+    auto_rotates = capture.get(cv2.CAP_PROP_ORIENTATION_AUTO)
+    capture.release()
+    if ok and auto_rotates:
+        assert bgr.shape == frames[0].shape
+        assert np.abs(bgr[..., ::-1].astype(int) - frames[0]).mean() < 1
+
+
+# ----------------------------------------------------------------------------- sizing
+
+
+@pytest.mark.parametrize(
+    "size_in, size, expected",
+    [
+        ((1920, 1080), 512, (904, 512)),
+        ((1080, 1920), 512, (512, 904)),  # portrait
+        ((512, 512), 512, (512, 512)),
+        ((384, 256), 512, (768, 512)),  # upscaled
+        ((384, 256), 256, (384, 256)),
+        ((640, 480), 512, (680, 512)),  # 682.7 -> 683 -> 680
+        ((1000, 333), 100, (296, 96)),
+    ],
+)
+def test_working_size(size_in, size, expected):
+    assert working_size(*size_in, size) == expected
+
+
+def test_working_size_multiple_and_errors():
+    assert working_size(1920, 1080, 512, multiple=64) == (896, 512)
+    with pytest.raises(InputError, match="--size 4"):
+        working_size(640, 480, 4)
+
+
+def test_resize_identity_is_bit_exact():
+    frames = pan_frames(num_frames=3)
+    out = resize_frames(frames, W, H)
+    assert out is frames or np.array_equal(out, frames)
+    assert np.array_equal(resize_frames(frames[0], W, H), frames[0])
+
+
+def test_resize_keeps_aspect_by_center_crop():
+    frame = np.zeros((64, 128, 3), np.uint8)
+    frame[:, 32:96] = 255  # white center band, black sides
+    out = resize_frames(frame[None], 32, 32)
+    assert out.shape == (1, 32, 32, 3)
+    # cover-scale to 64x32 then crop the center 32 columns: all white (Lanczos rings a little at the
+    # crop edges). Squashing would show black sides.
+    assert out[:, :, 2:-2].min() >= 250 and out.min() >= 200
+    out = resize_frames(frame[None], 64, 16)  # wider target: scale 0.5 -> 64x32, crop 16 center rows
+    assert out.shape == (1, 16, 64, 3)
+    assert out[0, :, :12].max() <= 5 and out[0, :, 20:44].min() >= 250 and out[0, :, 52:].max() <= 5
+
+
+def test_resize_downscale_matches_pil():
+    frames = pan_frames(num_frames=2)
+    out = resize_frames(frames, W // 2, H // 2)
+    expected = np.asarray(Image.fromarray(frames[1]).resize((W // 2, H // 2), Image.LANCZOS))
+    np.testing.assert_array_equal(out[1], expected)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def test_write_and_read_back(tmp_path, clips):
+    frames, _ = load_frames(clips["mkv"], stride=2)
+    out = tmp_path / "sub" / "out.mp4"
+    write_video(out, frames, fps=5)
+    back, info = load_frames(out)
+    assert back.shape == frames.shape
+    assert info.fps == pytest.approx(5.0) and info.num_frames == len(frames) and not info.has_audio
+    assert np.abs(back.astype(int) - frames).mean() < 4
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+
+
+@pytest.mark.parametrize("fps", [Fraction(30000, 1001), 30000 / 1001, 12 / 5, Fraction(25, 3)])
+def test_fractional_fps_is_preserved(tmp_path, fps):
+    path = tmp_path / "frac.mp4"
+    frames = pan_frames(num_frames=6, width=64, height=48)
+    write_video(path, frames, fps=fps)
+    info = probe(path)
+    assert info.fps == pytest.approx(float(fps), rel=1e-6)
+    assert info.num_frames == 6
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert float(stream.duration * stream.time_base) == pytest.approx(6 / float(fps), rel=1e-4)
+
+
+def test_audio_is_copied_and_trimmed(tmp_path, clips):
+    src = clips["mp4_audio"]  # 20 frames at 10 fps, 2 s of AAC tone
+    start, stride, n = 5, 2, 5
+    frames, info = load_frames(src, start=start, stride=stride, max_frames=n)
+    out = tmp_path / "edited.mp4"
+    write_video(out, frames, fps=info.fps / stride, audio_from=src,
+                audio_start=start / info.fps, audio_end=(start + n * stride) / info.fps)
+    samples, rate, codec = decoded_audio(out)
+    assert codec == "aac"
+    assert len(samples) / rate == pytest.approx(1.0, abs=0.06)  # 5 frames at 5 fps
+    assert rms(samples[rate // 10 : -rate // 10]) > 0.1  # the tone survived
+    out_info = probe(out)
+    assert out_info.num_frames == n and out_info.fps == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".mkv"])  # mkv has no edit lists to hide extra packets
+def test_audio_trim_takes_the_right_part(tmp_path, ext):
+    src = tmp_path / "half.mp4"  # silence for 1 s, then a loud tone for 1 s
+    write_clip_with_audio(src, 2.0, lambda t: np.where(t >= 1.0, 0.3 * np.sin(2 * np.pi * 440 * t), 0.0))
+    frames, _ = load_frames(src)
+    loud, quiet = tmp_path / f"loud{ext}", tmp_path / f"quiet{ext}"
+    write_video(loud, frames[10:], fps=10, audio_from=src, audio_start=1.0, audio_end=2.0)
+    write_video(quiet, frames[:10], fps=10, audio_from=src, audio_start=0.0, audio_end=1.0)
+    loud_samples, rate, _ = decoded_audio(loud)
+    quiet_samples, _, _ = decoded_audio(quiet)
+    assert len(loud_samples) / rate == pytest.approx(1.0, abs=0.06)
+    assert len(quiet_samples) / rate == pytest.approx(1.0, abs=0.06)
+    assert rms(loud_samples[rate // 20 : rate // 2]) > 0.15
+    assert rms(quiet_samples[rate // 20 : rate * 8 // 10]) < 0.01
+
+
+def test_audio_in_a_codec_mp4_cannot_hold_is_transcoded(tmp_path):
+    src = tmp_path / "flac.mkv"
+    write_clip_with_audio(src, 2.0, lambda t: 0.3 * np.sin(2 * np.pi * 330 * t), audio_codec="flac")
+    with av.open(str(src)) as container:
+        assert container.streams.audio[0].codec_context.name == "flac"
+    frames, _ = load_frames(src, start=4, max_frames=8)
+    out = tmp_path / "out.mp4"
+    write_video(out, frames, fps=10, audio_from=src, audio_start=0.4, audio_end=1.2)
+    samples, rate, codec = decoded_audio(out)
+    assert codec == "aac"
+    assert len(samples) / rate == pytest.approx(0.8, abs=0.06)
+    assert rms(samples[rate // 10 : -rate // 10]) > 0.15
+
+
+def test_source_without_audio_gives_video_only(tmp_path, clips):
+    out = tmp_path / "out.mp4"
+    write_video(out, pan_frames(num_frames=4), fps=10, audio_from=clips["mp4"])
+    assert not probe(out).has_audio
+
+
+def test_writer_streams_and_checks_frames(tmp_path):
+    path = tmp_path / "w.mp4"
+    with VideoWriter(path, fps=10, width=64, height=48) as writer:
+        writer.write(np.zeros((48, 64, 3), np.uint8))
+        with pytest.raises(ValueError, match="shape"):
+            writer.write(np.zeros((48, 60, 3), np.uint8))
+        writer.write(np.full((48, 64, 3), 200, np.uint8))
+        assert writer.frames_written == 2
+    frames, _ = load_frames(path)
+    assert frames.shape == (2, 48, 64, 3)
+    assert frames[0].mean() < 5 and abs(frames[1].mean() - 200) < 5
+
+
+def test_writer_rejects_unknown_container(tmp_path):
+    with pytest.raises(InputError, match=r"out\.xyz"):
+        VideoWriter(tmp_path / "out.xyz", fps=10, width=64, height=48)
+
+
+def test_writer_failure_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "broken.mp4"
+    with pytest.raises(RuntimeError):
+        with VideoWriter(path, fps=10, width=64, height=48) as writer:
+            writer.write(np.zeros((48, 64, 3), np.uint8))
+            raise RuntimeError("model crashed")
+    assert not path.exists()
+
+
+# ----------------------------------------------------------------------------- previews
+
+
+def test_side_by_side():
+    a = np.zeros((10, 20, 3), np.uint8)
+    b = np.full((10, 30, 3), 255, np.uint8)
+    out = side_by_side(a, b)
+    assert out.shape == (10, 50, 3)
+    assert out[:, :20].max() == 0 and out[:, 20:].min() == 255
+
+
+def test_contact_sheet_has_two_rows():
+    top = [np.full((20, 30, 3), 10 * i, np.uint8) for i in range(16)]
+    bottom = [np.full((20, 30, 3), 250 - 10 * i, np.uint8) for i in range(16)]
+    sheet = contact_sheet(top, bottom, columns=4, gap=4)
+    assert isinstance(sheet, Image.Image)
+    assert sheet.size == (4 * 30 + 3 * 4, 2 * 20 + 4)
+    px = np.asarray(sheet)
+    # evenly spaced picks 0, 5, 10, 15: top row shows the source, bottom row the edit
+    assert [int(px[10, c * 34 + 15, 0]) for c in range(4)] == [0, 50, 100, 150]
+    assert [int(px[24 + 10, c * 34 + 15, 0]) for c in range(4)] == [250, 200, 150, 100]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def assert_one_line_naming(exc: pytest.ExceptionInfo, path: Path) -> None:
+    message = str(exc.value)
+    assert "\n" not in message
+    assert str(path) in message
+
+
+def test_missing_path(tmp_path):
+    path = tmp_path / "nope.mp4"
+    with pytest.raises(InputError) as exc:
+        load_frames(path)
+    assert_one_line_naming(exc, path)
+    assert "no such file" in str(exc.value)
+    with pytest.raises(InputError):
+        read_frames(path)  # raised on the call, before iterating
+    with pytest.raises(InputError):
+        probe(path)
+
+
+def test_text_file_named_mp4(tmp_path):
+    path = tmp_path / "notes.mp4"
+    path.write_text("this is not a video\n" * 50)
+    with pytest.raises(InputError) as exc:
+        load_frames(path)
+    assert_one_line_naming(exc, path)
+
+
+@pytest.mark.parametrize("keep", ["header", "no_frames"])
+def test_truncated_mp4_without_frames(tmp_path, clips, keep):
+    data = clips["mp4"].read_bytes()
+    mdat = data.find(b"mdat")  # faststart: moov comes first, then the frame data
+    assert mdat > 0
+    cut = mdat // 2 if keep == "header" else mdat + 4
+    path = tmp_path / f"cut_{keep}.mp4"
+    path.write_bytes(data[:cut])
+    with pytest.raises(InputError) as exc:
+        load_frames(path)
+    assert_one_line_naming(exc, path)
+
+
+def test_truncated_file_returns_what_decodes(tmp_path, clips, caplog):
+    data = clips["mkv"].read_bytes()
+    path = tmp_path / "cut.mkv"
+    path.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING, logger="tokenflow.video"):
+        frames, _ = load_frames(path)
+    assert 1 <= len(frames) < N
+    np.testing.assert_array_equal(frames[0], photo_crop(0))
+
+
+def test_truncated_mp4_with_some_frames_warns(tmp_path, clips, caplog):
+    data = clips["mp4"].read_bytes()
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with caplog.at_level(logging.WARNING, logger="tokenflow.video"):
+        frames, info = load_frames(path)
+    assert 1 <= len(frames) < N
+    assert any("truncated" in r.getMessage() for r in caplog.records)
+
+
+def test_start_past_end(clips):
+    path = clips["mp4"]
+    with pytest.raises(InputError) as exc:
+        load_frames(path, start=500)
+    assert_one_line_naming(exc, path)
+    assert f"--start 500 is past the last frame ({N} frames)" in str(exc.value)
+    with pytest.raises(InputError, match=r"--start 16 is past the last frame \(16 frames\)"):
+        load_frames(clips["png"], start=16)
+
+
+@pytest.mark.parametrize("kwargs, option", [({"stride": 0}, "--stride"), ({"max_frames": 0}, "--max-frames"),
+                                            ({"start": -1}, "--start")])
+def test_bad_selection(clips, kwargs, option):
+    path = clips["mkv"]
+    with pytest.raises(InputError) as exc:
+        load_frames(path, **kwargs)
+    assert_one_line_naming(exc, path)
+    assert option in str(exc.value)
+
+
+def test_empty_folder(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    with pytest.raises(InputError) as exc:
+        load_frames(folder)
+    assert_one_line_naming(exc, folder)
+
+
+def test_folder_with_mixed_sizes(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(folder / "b.png")
+    with pytest.raises(InputError) as exc:
+        load_frames(folder)
+    assert_one_line_naming(exc, folder / "b.png")
+
+
+def test_sample_clip_in_repo():
+    path = Path(__file__).resolve().parent.parent / "examples" / "pan.mp4"
+    if not path.exists():
+        pytest.skip("examples/pan.mp4 not present")
+    info = probe(path)
+    assert (info.width, info.height, info.num_frames, info.has_audio) == (384, 256, 32, True)
+    assert info.fps == pytest.approx(12.0)
+    assert path.stat().st_size < 300_000
