@@ -245,12 +245,6 @@ def test_same_seed_same_inputs_give_identical_latents(env, first_again):
     assert report(third)["keyframes"] == report(first_again)["keyframes"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a fresh inversion returns channels_last-strided latents (StableDiffusionModel.encode_frames "
-    "keeps the VAE's NHWC layout), the cached ones are contiguous, and the edit's convolutions pick other kernels "
-    "for the two layouts: the cache-miss run's final latents differ from later runs' by ~2e-5",
-)
 def test_first_run_and_rerun_give_identical_latents(first_run, first_again):
     assert report(first_run)["inversion_cache_hit"] is False and report(first_again)["inversion_cache_hit"] is True
     a = load_file(str(first_run / "latents.safetensors"))

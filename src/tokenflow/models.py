@@ -100,7 +100,7 @@ class StableDiffusionModel:
         for i in range(0, frames.shape[0], batch_size):
             x = frames[i : i + batch_size].to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255.0
             latent = self.vae.encode(2 * x - 1).latent_dist.mean * self.vae.config.scaling_factor
-            out.append(latent.float().cpu())
+            out.append(latent.float().cpu().contiguous())  # the permuted input leaves channels-last strides
         return torch.cat(out)
 
     @torch.no_grad()

@@ -1,0 +1,214 @@
+"""The mechanism, tested exactly: processors, hooks, extended attention, propagation and layer choice."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tokenflow.attention import (
+    KeyframeTokens,
+    LayerSelection,
+    TokenFlowAttnProcessor,
+    TokenFlowState,
+    extended_attention,
+    select_layers,
+    tokenflow_attention,
+)
+from tokenflow.correspondence import gather_tokens, linear_neighbors, nearest_neighbors, reference_neighbors
+from tokenflow.models import load_model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir, device="cpu", dtype="float32")
+
+
+def _inputs(model, n=2, seed=0, h=8, w=12):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(3 * n, 4, h, w, generator=g)
+    text = torch.randn(3 * n, 77, model.text_encoder.config.hidden_size, generator=g)
+    return latents, text
+
+
+def _unet(model, latents, text, t=501):
+    return model.unet(latents, t, encoder_hidden_states=text).sample
+
+
+def test_processors_in_default_mode_equal_diffusers_attention_exactly(model):
+    latents, text = _inputs(model)
+    expected = _unet(model, latents, text)
+    state = TokenFlowState()
+    with tokenflow_attention(model.unet, state):
+        assert torch.equal(_unet(model, latents, text), expected)
+        # our own attention path with sharing and injection off is diffusers' computation too
+        state.mode, state.extended = "keyframe", False
+        assert torch.equal(_unet(model, latents, text), expected)
+        # and extended attention really changes the output when frames are shared
+        state.extended = True
+        assert not torch.allclose(_unet(model, latents, text), expected, atol=1e-4)
+
+
+def test_apply_then_remove_restores_the_unet_exactly(model):
+    latents, text = _inputs(model, seed=1)
+    before = _unet(model, latents, text)
+    processors = model.unet.attn_processors
+    state = TokenFlowState(mode="keyframe", qk_inject=True, conv_inject=True)
+    with tokenflow_attention(model.unet, state) as (self_attn, qk, conv):
+        changed = _unet(model, latents, text)
+        assert all(isinstance(model.unet.attn_processors[n], TokenFlowAttnProcessor) for n in self_attn)
+        assert len(model.unet.get_submodule(conv[0]).conv2._forward_hooks) == 1
+    assert not torch.equal(changed, before)
+    assert torch.equal(_unet(model, latents, text), before)
+    assert model.unet.attn_processors == processors
+    assert all(len(m._forward_hooks) == 0 for m in model.unet.modules())
+
+
+def test_restored_even_when_the_block_raises(model):
+    processors = model.unet.attn_processors
+    with pytest.raises(RuntimeError):
+        with tokenflow_attention(model.unet, TokenFlowState()):
+            raise RuntimeError("boom")
+    assert model.unet.attn_processors == processors
+    assert all(len(m._forward_hooks) == 0 for m in model.unet.modules())
+
+
+def test_extended_attention_equals_a_naive_per_head_computation():
+    g = torch.Generator().manual_seed(0)
+    b, n, heads, length, d = 2, 3, 2, 5, 4
+    q, k, v = (torch.randn(b, n, heads, length, d, generator=g, dtype=torch.float64) for _ in range(3))
+    out = extended_attention(q, k, v)
+    expected = torch.empty_like(out)
+    for bi in range(b):
+        for f in range(n):
+            for h in range(heads):
+                keys = torch.cat([k[bi, j, h] for j in range(n)])  # all frames' keys concatenated
+                values = torch.cat([v[bi, j, h] for j in range(n)])
+                weights = torch.softmax(q[bi, f, h] @ keys.T / math.sqrt(d), dim=-1)
+                expected[bi, f, h] = weights @ values
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_pnp_qk_injection_uses_source_queries_and_keys_and_edited_values(model):
+    name = "up_blocks.2.attentions.1.transformer_blocks.0.attn1.processor"
+    attn = model.unet.get_submodule(name.rsplit(".processor", 1)[0])
+    state = TokenFlowState(mode="keyframe", extended=False, qk_inject=True)
+    proc = TokenFlowAttnProcessor(state, name, inject_qk=True)
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 16, attn.to_q.in_features, generator=g)
+    out = proc(attn, hidden)
+    # naive: branch b uses q, k of the source branch (index 0) and v of its own
+    heads = attn.heads
+    for b in range(3):
+        q = attn.to_q(hidden[0]).view(16, heads, -1).transpose(0, 1)
+        k = attn.to_k(hidden[0]).view(16, heads, -1).transpose(0, 1)
+        v = attn.to_v(hidden[b]).view(16, heads, -1).transpose(0, 1)
+        w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+        expected = attn.to_out[0]((w @ v).transpose(0, 1).reshape(16, -1))
+        torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_injection_copies_the_source_residual_into_the_edited_branches(model):
+    state = TokenFlowState(conv_inject=True)
+    captured = {}
+    with tokenflow_attention(model.unet, state) as (_, _, conv):
+        conv2 = model.unet.get_submodule(conv[0]).conv2
+        handle = conv2.register_forward_hook(lambda m, a, o: captured.setdefault("out", o))
+        latents, text = _inputs(model, n=2, seed=4)
+        _unet(model, latents, text)
+        handle.remove()
+    out = captured["out"]
+    assert torch.equal(out[2:4], out[0:2]) and torch.equal(out[4:6], out[0:2])
+
+
+def test_layer_choice_by_role_matches_the_reference_on_the_sd_layout(model):
+    self_attn, qk, conv = select_layers(model.unet)
+    assert len(self_attn) == 16  # 6 down, 1 mid, 9 up transformer blocks, as in SD 2.x
+    expected_qk = [f"up_blocks.1.attentions.{i}" for i in (1, 2)] + [
+        f"up_blocks.{b}.attentions.{i}" for b in (2, 3) for i in range(3)
+    ]
+    assert [n.split(".transformer_blocks")[0] for n in qk] == expected_qk
+    assert conv == ["up_blocks.1.resnets.1"]
+    # explicit patterns override the role-based choice
+    _, qk2, conv2 = select_layers(
+        model.unet, LayerSelection(qk_patterns=["up_blocks.3.*"], conv_patterns=["up_blocks.2.resnets.0"])
+    )
+    assert all(n.startswith("up_blocks.3.") for n in qk2) and len(qk2) == 3
+    assert conv2 == ["up_blocks.2.resnets.0"]
+
+
+def test_nearest_neighbours_recover_a_known_shift():
+    g = torch.Generator().manual_seed(0)
+    h, w, c, dy, dx = 9, 11, 32, 2, 3
+    feats = torch.randn(h + dy, w + dx, c, generator=g)
+    key = feats[:h, :w]  # keyframe
+    query = feats[dy : dy + h, dx : dx + w]  # the frame: the keyframe moved by (dy, dx)
+    idx = nearest_neighbors(query.reshape(1, -1, c), key.reshape(1, -1, c))[0].view(h, w)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    inside = (ys + dy < h) & (xs + dx < w)
+    assert torch.equal(idx[inside], ((ys + dy) * w + (xs + dx))[inside])
+
+
+def test_gather_takes_each_token_from_its_matched_index():
+    values = torch.arange(2 * 1 * 4 * 3, dtype=torch.float32).view(2, 1, 4, 3)
+    index = torch.tensor([[3, 0, 0, 2]])
+    out = gather_tokens(values, index)
+    for b in range(2):
+        for t, i in enumerate(index[0].tolist()):
+            assert torch.equal(out[b, 0, t], values[b, 0, i])
+
+
+def test_linear_neighbours_use_the_real_keyframes_around_each_frame():
+    prev, nxt, w = linear_neighbors([0, 2, 5, 6, 9, 11], [2, 6, 10])
+    assert prev == [0, 0, 0, 1, 1, 2]
+    assert nxt == [0, 0, 1, 1, 2, 2]
+    assert w == [1.0, 1.0, 0.75, 1.0, 0.75, 1.0]
+
+
+def test_reference_neighbours_reproduce_the_sigmoid_weights():
+    prev, nxt, w = reference_neighbors(list(range(8)), 4)
+    assert nxt == [0, 0, 0, 0, 1, 1, 1, 1] and prev == [0, 0, 0, 0, 0, 0, 0, 0]
+    assert w[:4] == [1.0] * 4  # the first chunk is not blended
+    assert w[4:] == pytest.approx([0.62246, 0.67918, 0.73106, 0.69706], abs=1e-5)
+
+
+def test_propagation_copies_tokens_from_the_matched_keyframes_and_blends_them(model):
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
+    attn = model.unet.get_submodule(name.rsplit(".processor", 1)[0])
+    g = torch.Generator().manual_seed(5)
+    length, c = 6, attn.to_q.in_features
+    kf_inputs = torch.randn(2, length, c, generator=g)
+    kf_outputs = torch.randn(3, 2, length, c, generator=g)
+    perm0, perm1 = torch.randperm(length, generator=g), torch.randperm(length, generator=g)
+    # frame 0 is keyframe 0's tokens permuted; frame 1 is keyframe 1's tokens permuted
+    source = torch.stack([kf_inputs[0, perm0], kf_inputs[1, perm1]])
+    hidden = torch.cat([source, torch.randn(4, length, c, generator=g)])  # edited branches' tokens are ignored
+    state = TokenFlowState(mode="propagate")
+    state.cache[name] = KeyframeTokens(source_inputs=kf_inputs, outputs=kf_outputs)
+    state.prev_index, state.next_index = torch.tensor([0, 0]), torch.tensor([0, 1])
+    state.next_weight = torch.tensor([1.0, 1.0])
+    out = TokenFlowAttnProcessor(state, name)(attn, hidden).view(3, 2, length, c)
+    assert torch.equal(out[:, 0], kf_outputs[:, 0, perm0])  # every branch, the same indices
+    assert torch.equal(out[:, 1], kf_outputs[:, 1, perm1])
+    # blended: w * next + (1 - w) * prev, with each keyframe matched separately
+    state.prev_index, state.next_index = torch.tensor([0, 0]), torch.tensor([1, 1])
+    state.next_weight = torch.tensor([0.25, 0.25])
+    out = TokenFlowAttnProcessor(state, name)(attn, hidden).view(3, 2, length, c)
+    nn_next = nearest_neighbors(source[:1], kf_inputs[1:2])[0]
+    expected = 0.25 * kf_outputs[:, 1, nn_next] + 0.75 * kf_outputs[:, 0, perm0]
+    torch.testing.assert_close(out[:, 0], expected)
+
+
+def test_a_keyframe_propagated_from_itself_gets_its_keyframe_output_back_exactly(model):
+    """Why the editor may keep the keyframe pass's result for keyframes (linear blending)."""
+    latents, text = _inputs(model, n=3, seed=6)
+    state = TokenFlowState(qk_inject=True, conv_inject=True)
+    with tokenflow_attention(model.unet, state):
+        state.mode, state.extended, state.store = "keyframe", True, True
+        keyframe_out = _unet(model, latents, text)
+        state.mode, state.store = "propagate", False
+        state.prev_index = state.next_index = torch.tensor([0, 1, 2])
+        state.next_weight = torch.ones(3)
+        propagated = _unet(model, latents, text)
+    assert torch.equal(propagated, keyframe_out)
