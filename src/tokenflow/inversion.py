@@ -38,6 +38,17 @@ class SourceLatents:
     def noisiest(self) -> int:
         return max(self.noisy)
 
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SourceLatents":
+        """Load ``clean`` and ``source_t<T>`` tensors from a ``latents.safetensors`` written by ``--save-latents``."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        noisy = {int(k[len("source_t") :]): v for k, v in tensors.items() if k.startswith("source_t")}
+        if "clean" not in tensors or not noisy:
+            raise ValueError(f"{path}: expected 'clean' and 'source_t<T>' tensors (tokenflow edit --save-latents)")
+        return cls(clean=tensors["clean"], noisy=noisy)
+
     def __post_init__(self):
         shapes = {tuple(v.shape) for v in self.noisy.values()} | {tuple(self.clean.shape)}
         if len(shapes) != 1:

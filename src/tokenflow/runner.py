@@ -269,7 +269,7 @@ def _write_outputs(staging: Path, editor, result: EditOutput, frames: np.ndarray
 def _save_latents(path: Path, result: EditOutput, source: SourceLatents) -> None:
     from safetensors.torch import save_file
 
-    tensors = {"final": result.latents.contiguous()}
+    tensors = {"final": result.latents.contiguous(), "clean": source.clean.contiguous()}
     tensors.update({f"source_t{t}": v.contiguous() for t, v in source.noisy.items()})
     save_file(tensors, str(path))
 
