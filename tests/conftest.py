@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread: the tiny models gain nothing from more, and on a loaded 2-core machine OpenMP threads
+# oversubscribe badly (a tiny UNet call went from 0.02 s to 2.8 s).
+torch.set_num_threads(1)
 
 # A 144x96 source gives a non-square 96x64 working size at --size 64.
 PAN_FRAMES, PAN_WIDTH, PAN_HEIGHT, PAN_SHIFT, PAN_FPS = 10, 144, 96, 4, 12

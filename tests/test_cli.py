@@ -28,15 +28,6 @@ SMALL = ["--size", "64", "--steps", str(STEPS), "--inversion-steps", "6", "--bat
 OUTPUTS = ("edited.mp4", "source.mp4", "side_by_side.mp4", "preview.png", "run.json")
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    """One torch thread: on a shared 2-core machine two OpenMP threads contend and a tiny UNet call takes seconds."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @dataclass
 class Env:
     root: Path
@@ -57,7 +48,7 @@ def report(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def env(single_thread, tiny_model_dir, pan_clip, tmp_path_factory) -> Env:
+def env(tiny_model_dir, pan_clip, tmp_path_factory) -> Env:
     root = tmp_path_factory.mktemp("cli")
     return Env(root=root, model=tiny_model_dir, clip=pan_clip, cache=root / "cache")
 

@@ -65,6 +65,16 @@ def edit(
     save_latents: bool = typer.Option(False, "--save-latents", help="Also write latents.safetensors."),
     evaluate: bool = typer.Option(False, "--eval", help="Measure the result (warp error, PSNR/SSIM) into run.json."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, warnings only."),
+    mode: str = typer.Option("pnp", help="pnp (Plug-and-Play), sdedit, or controlnet."),
+    strength: Optional[float] = typer.Option(None, help="SDEdit strength: fraction of the steps run (default: 0.9 for sdedit, 1 otherwise)."),
+    pnp: Optional[bool] = typer.Option(None, "--pnp/--no-pnp", help="PnP injection (default: on for pnp, off otherwise)."),
+    controlnet: Optional[str] = typer.Option(None, help="ControlNet hub id, folder or file (--mode controlnet)."),
+    control: str = typer.Option("canny", help="Control maps: canny, depth, or a folder of precomputed maps."),
+    canny_low: int = typer.Option(100, help="Canny low threshold."),
+    canny_high: int = typer.Option(200, help="Canny high threshold."),
+    depth_model: Optional[str] = typer.Option(None, help="transformers depth estimator for --control depth."),
+    controlnet_scale: float = typer.Option(1.0, help="ControlNet conditioning scale."),
+    lora: list[str] = typer.Option([], help="LoRA weights PATH_OR_ID[:SCALE]; repeatable."),
     config: Optional[Path] = typer.Option(None, help="YAML or TOML file with any of these options."),
 ):
     """Edit VIDEO so it follows --prompt, consistently across frames."""
@@ -91,6 +101,7 @@ def invert(
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
     cache_dir: Optional[Path] = typer.Option(None, help="Inversion cache folder (default: the user cache dir)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, warnings only."),
+    lora: list[str] = typer.Option([], help="LoRA weights PATH_OR_ID[:SCALE]; repeatable."),
     config: Optional[Path] = typer.Option(None, help="YAML or TOML file with any of these options."),
 ):
     """Precompute and cache the inversion of VIDEO, so later edits skip it."""

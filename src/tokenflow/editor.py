@@ -20,13 +20,15 @@ from .attention import NUM_BRANCHES, LayerSelection, TokenFlowState, tokenflow_a
 from .correspondence import linear_neighbors, reference_neighbors
 from .errors import InputError
 from .inversion import InversionCache, SourceLatents, invert_frames
-from .keyframes import KeyframeSchedule, make_schedule
+from .keyframes import KeyframeSchedule, RandomKeyframes, make_schedule
 from .models import DEFAULT_MODEL, StableDiffusionModel, load_model
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
 PROPAGATION_MODES = ("tokenflow", "none")
+EDIT_MODES = ("pnp", "sdedit", "controlnet")
+DEFAULT_SDEDIT_STRENGTH = 0.9
 BLENDING_MODES = ("linear", "reference")
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "EditConfig", "EditOutput", "TokenFlowEditor"]
@@ -48,7 +50,21 @@ class EditConfig:
     blending: str = "linear"
     keyframes: str | Sequence[Sequence[int]] | KeyframeSchedule = "random"
     seed: int = 0
+    mode: str = "pnp"
+    strength: float | None = None  # None: 1.0 (pnp, controlnet), 0.9 (sdedit)
+    pnp: bool | None = None  # None: on for pnp, off for sdedit and controlnet
+    controlnet_scale: float = 1.0
     layers: LayerSelection = field(default_factory=LayerSelection)
+
+    @property
+    def effective_strength(self) -> float:
+        if self.strength is not None:
+            return self.strength
+        return DEFAULT_SDEDIT_STRENGTH if self.mode == "sdedit" else 1.0
+
+    @property
+    def effective_pnp(self) -> bool:
+        return self.pnp if self.pnp is not None else self.mode == "pnp"
 
     def check_inputs(self) -> None:
         """Raise :class:`InputError` naming the first bad value."""
@@ -67,6 +83,10 @@ class EditConfig:
             raise InputError(f"--blending {self.blending!r}: unknown; use linear or reference")
         if self.guidance_scale < 0:
             raise InputError(f"--guidance-scale {self.guidance_scale}: must not be negative")
+        if self.mode not in EDIT_MODES:
+            raise InputError(f"--mode {self.mode!r}: unknown; use pnp, sdedit or controlnet")
+        if self.strength is not None and not 0.0 <= self.strength <= 1.0:
+            raise InputError(f"--strength {self.strength}: must be between 0 and 1")
 
 
 @dataclass
@@ -127,20 +147,29 @@ class TokenFlowEditor:
         config: EditConfig,
         progress: bool = True,
         callback_on_step_end: Callable[[int, int, torch.Tensor], None] | None = None,
+        control: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> EditOutput:
         """Edit the frames whose source latents are given. Deterministic for a given seed, inputs and machine.
 
-        1. Timesteps and PnP injection schedules (by truncation, as the reference: ``int(steps * pnp_f_t)``).
-        2. Start latent: the clean latents re-noised to the first timestep with the noise implied by the noisiest
-           inverted latent.
+        1. Timesteps: the last ``round(strength * steps)`` of the DDIM schedule (all of them for PnP); PnP injection
+           during the first ``int(steps * pnp_attn_t)`` / ``int(steps * pnp_f_t)`` timesteps of the full schedule
+           (truncation, as the reference).
+        2. Start latent: the clean latents re-noised to the first timestep run, with the noise implied by the
+           noisiest inverted latent.
         3. Per step: keyframe pass (joint, extended attention), propagation pass (batches), CFG, DDIM step.
+
+        ``control``: ControlNet conditioning images ``[N, 3, H, W]`` in [0, 1] (mode ``controlnet``; the model must
+        carry a ControlNet). ``generator`` replaces the seeded generator of the default random keyframe schedule.
         """
         config.check_inputs()
         model = self.model
         started = time.perf_counter()
         scheduler = model.make_scheduler()
         scheduler.set_timesteps(config.steps)
-        timesteps = [int(t) for t in scheduler.timesteps]
+        schedule_all = [int(t) for t in scheduler.timesteps]
+        n_run = round(config.effective_strength * config.steps)
+        timesteps = schedule_all[config.steps - n_run :] if n_run else []
         missing = [t for t in timesteps if t not in source.noisy]
         if missing:
             raise InputError(
@@ -148,9 +177,13 @@ class TokenFlowEditor:
                 "invert with the same --steps"
             )
         n_frames = source.clean.shape[0]
-        n_qk = int(config.steps * config.pnp_attn_t)
-        n_conv = int(config.steps * config.pnp_f_t)
+        use_pnp = config.effective_pnp
+        qk_steps = set(schedule_all[: int(config.steps * config.pnp_attn_t)]) if use_pnp else set()
+        conv_steps = set(schedule_all[: int(config.steps * config.pnp_f_t)]) if use_pnp else set()
+        controlnet = self._check_control(config, control, source)
 
+        if not timesteps:  # strength 0: nothing to denoise, the clean latents come back
+            return EditOutput(source.clean.clone(), [], [], 0, time.perf_counter() - started)
         alphas = scheduler.alphas_cumprod
         top = source.noisiest
         eps = (source.noisy[top] - alphas[top] ** 0.5 * source.clean) / (1 - alphas[top]) ** 0.5
@@ -158,14 +191,18 @@ class TokenFlowEditor:
 
         texts = model.encode_text([config.inversion_prompt, config.negative_prompt, config.prompt])
         schedule = make_schedule(config.keyframes, config.batch_size, config.seed)
+        if generator is not None and isinstance(schedule, RandomKeyframes):
+            schedule.generator = generator
         state = TokenFlowState()
         run = _StepRunner(model, scheduler, texts, config.guidance_scale, state)
+        if controlnet is not None:
+            run.controlnet, run.control, run.control_scale = controlnet, control, config.controlnet_scale
         used_keyframes: list[list[int]] = []
 
         with tokenflow_attention(model.unet, state, config.layers):
             for step, t in enumerate(tqdm(timesteps, desc="editing", unit="step", disable=not progress)):
-                state.qk_inject = step < n_qk
-                state.conv_inject = step < n_conv
+                state.qk_inject = t in qk_steps
+                state.conv_inject = t in conv_steps
                 src_t = source.noisy[t]
                 if config.propagation == "none":
                     x = self._per_frame_step(run, x, src_t, t, config.batch_size)
@@ -186,6 +223,22 @@ class TokenFlowEditor:
             unet_frame_evaluations=run.frame_evaluations,
             seconds=time.perf_counter() - started,
         )
+
+    def _check_control(self, config: EditConfig, control, source: SourceLatents):
+        controlnet = getattr(self.model, "controlnet", None)
+        if config.mode != "controlnet":
+            return None
+        if controlnet is None:
+            raise InputError("--mode controlnet needs a ControlNet: pass --controlnet ID_OR_PATH")
+        if control is None:
+            raise InputError("--mode controlnet needs control images (--control canny|depth|FOLDER)")
+        n, _, h, w = source.clean.shape
+        factor = self.model.vae_scale_factor
+        if control.shape[0] != n or tuple(control.shape[2:]) != (h * factor, w * factor):
+            raise InputError(
+                f"control maps {tuple(control.shape)} do not match the {n} frames of {w * factor}x{h * factor}"
+            )
+        return controlnet
 
     @staticmethod
     def _per_frame_step(run: "_StepRunner", x, src_t, t, batch_size) -> torch.Tensor:
@@ -251,13 +304,38 @@ class _StepRunner:
         self.guidance = guidance
         self.state = state
         self.frame_evaluations = 0
+        self.controlnet = None
+        self.control: torch.Tensor | None = None  # [N, 3, H, W] in [0, 1]
+        self.control_scale = 1.0
+
+    def _control_residuals(self, latents: torch.Tensor, text: torch.Tensor, frames: list[int], t: int) -> dict:
+        """ControlNet residuals for the edited branches (uncond, cond); zeros for the source branch."""
+        n = len(frames)
+        image = self.control[frames].to(self.model.device, self.controlnet.dtype).repeat(NUM_BRANCHES - 1, 1, 1, 1)
+        down, mid = self.controlnet(
+            latents[n:].to(self.controlnet.dtype),
+            t,
+            encoder_hidden_states=text[n:].to(self.controlnet.dtype),
+            controlnet_cond=image,
+            conditioning_scale=self.control_scale,
+            return_dict=False,
+        )
+
+        def with_source(r: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.zeros_like(r[:n]), r]).to(latents.dtype)
+
+        return dict(
+            down_block_additional_residuals=[with_source(r) for r in down],
+            mid_block_additional_residual=with_source(mid),
+        )
 
     def __call__(self, frames: list[int], x: torch.Tensor, src_t: torch.Tensor, t: int) -> torch.Tensor:
         model = self.model
         n = len(frames)
         latents = torch.cat([src_t[frames], x[frames], x[frames]]).to(model.device, model.dtype)
         text = self.texts.repeat_interleave(n, dim=0)
-        pred = model.unet(latents, t, encoder_hidden_states=text).sample.float()
+        extra = self._control_residuals(latents, text, frames, t) if self.controlnet is not None else {}
+        pred = model.unet(latents, t, encoder_hidden_states=text, **extra).sample.float()
         self.frame_evaluations += NUM_BRANCHES * n
         _, uncond, cond = pred.chunk(NUM_BRANCHES)
         eps = uncond + self.guidance * (cond - uncond)

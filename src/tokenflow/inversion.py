@@ -170,6 +170,7 @@ class InversionCache:
                     model=model.model_id,
                     fingerprint=_model_fingerprint(model.model_id),
                     revision=model.revision,
+                    loras=[(str(p), s, _model_fingerprint(str(p))) for p, s in model.loras],
                     dtype=str(model.dtype),
                     scheduler={k: v for k, v in model.scheduler_config.items() if not k.startswith("_")},
                     prompt=prompt,

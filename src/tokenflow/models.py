@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,6 +65,9 @@ class StableDiffusionModel:
     revision: str | None
     device: torch.device
     dtype: torch.dtype
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    controlnet: torch.nn.Module | None = None
+    controlnet_id: str | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -148,10 +151,14 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     revision: str | None = None,
     local_files_only: bool | None = None,
+    loras: list[tuple[str, float]] | None = None,
+    controlnet: str | Path | None = None,
 ) -> StableDiffusionModel:
     """Load an SD 1.x/2.x checkpoint from a hub id, a local diffusers folder or a single ``.safetensors``/``.ckpt`` file.
 
-    Raises :class:`ModelLoadError` with a one-line message when it cannot be found or loaded.
+    ``loras``: (hub id or path, scale) pairs applied on top (needs ``peft``). ``controlnet``: a ControlNet for the
+    ``controlnet`` mode (hub id, folder or single file), checked to fit the base model.
+    Raises :class:`ModelLoadError` with a one-line message when something cannot be found, loaded or combined.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -173,12 +180,21 @@ def load_model(
             f"--model {model}: could not be loaded ({reason}); check the id or path, connect to the internet "
             "once so it is cached (or `huggingface-cli login` for gated models), or pass a local folder"
         ) from exc
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    loras = list(loras or [])
+    if loras:
+        _apply_loras(pipe, loras)
+    control_model = _load_controlnet(str(controlnet), pipe.unet, dtype) if controlnet is not None else None
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, control_model):
+        if module is None:
+            continue
         module.to(device)
         module.eval()
         module.requires_grad_(False)
     logger.info("loaded %s on %s (%s)", model, device, str(dtype).replace("torch.", ""))
     return StableDiffusionModel(
+        loras=loras,
+        controlnet=control_model,
+        controlnet_id=None if controlnet is None else str(controlnet),
         unet=pipe.unet,
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
@@ -189,3 +205,64 @@ def load_model(
         device=device,
         dtype=dtype,
     )
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """``PATH_OR_ID[:SCALE]`` -> (path or id, scale); the scale defaults to 1."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not tail.startswith(("/", "\\")):
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def _apply_loras(pipe, loras: list[tuple[str, float]]) -> None:
+    names = []
+    for i, (source, scale) in enumerate(loras):
+        name = f"lora{i}"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pipe.load_lora_weights(source, adapter_name=name)
+        except Exception as exc:  # noqa: BLE001 - missing file, hub error, wrong format
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise ModelLoadError(
+                f"--lora {source}: could not be loaded onto this model ({reason}); check the path or id and that "
+                "the LoRA was trained for this base model"
+            ) from exc
+        names.append(name)
+    pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+
+
+def _load_controlnet(source: str, unet, dtype: torch.dtype):
+    """A ControlNet from a hub id, folder or single file, refused when it does not fit ``unet``."""
+    from diffusers import ControlNetModel
+
+    path = Path(source).expanduser()
+    if (source.startswith((".", "/", "~")) or source.endswith(SINGLE_FILE_SUFFIXES)) and not path.exists():
+        raise ModelLoadError(f"--controlnet {source}: no such file or folder; check the path, or pass a hub id")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            if path.is_file():
+                controlnet = ControlNetModel.from_single_file(str(path), torch_dtype=dtype)
+            else:
+                controlnet = ControlNetModel.from_pretrained(str(path) if path.exists() else source, torch_dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ModelLoadError(
+            f"--controlnet {source}: could not be loaded ({reason}); check the id or path, or pass a local folder"
+        ) from exc
+    mine, theirs = controlnet.config, unet.config
+    for key in ("cross_attention_dim", "block_out_channels", "in_channels"):
+        a, b = mine.get(key), theirs.get(key)
+        if a is not None and b is not None and list(a if isinstance(a, (list, tuple)) else [a]) != list(
+            b if isinstance(b, (list, tuple)) else [b]
+        ):
+            raise ModelLoadError(
+                f"--controlnet {source} was made for another base model ({key} {a} vs the model's {b}); "
+                "pick a ControlNet trained for this base (e.g. an SD 1.5 ControlNet for an SD 1.5 model)"
+            )
+    return controlnet

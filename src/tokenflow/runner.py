@@ -66,6 +66,16 @@ class RunOptions:
     save_latents: bool = False
     evaluate: bool = False
     quiet: bool = False
+    mode: str = "pnp"
+    strength: float | None = None
+    pnp: bool | None = None
+    controlnet: str | None = None
+    control: str = "canny"
+    canny_low: int = 100
+    canny_high: int = 200
+    depth_model: str | None = None
+    controlnet_scale: float = 1.0
+    lora: list[str] = field(default_factory=list)
 
     def edit_config(self) -> EditConfig:
         return EditConfig(
@@ -81,6 +91,10 @@ class RunOptions:
             blending=self.blending,
             keyframes=self.keyframes,
             seed=self.seed,
+            mode=self.mode,
+            strength=self.strength,
+            pnp=self.pnp,
+            controlnet_scale=self.controlnet_scale,
         )
 
     def check_inputs(self, editing: bool = True) -> None:
@@ -97,6 +111,18 @@ class RunOptions:
             raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
         device = resolve_device(self.device)
         resolve_dtype(self.dtype, device)
+        if editing and self.mode == "controlnet":
+            from .control import check_control_fits
+
+            if not self.controlnet:
+                raise InputError("--mode controlnet needs --controlnet ID_OR_PATH (e.g. a canny ControlNet)")
+            if self.control not in ("canny", "depth") and not Path(self.control).is_dir():
+                raise InputError(f"--control {self.control}: use canny, depth or a folder of precomputed maps")
+            if self.control == "depth" and not self.depth_model:
+                raise InputError("--control depth needs --depth-model ID_OR_PATH (a transformers depth estimator)")
+            check_control_fits(self.controlnet, self.control)
+        elif editing and self.controlnet:
+            raise InputError(f"--controlnet is only used with --mode controlnet (got --mode {self.mode})")
         if self.keyframes not in ("random", "fixed") and isinstance(self.keyframes, (str, Path)):
             if not Path(self.keyframes).is_file():
                 raise InputError(f"--keyframes {self.keyframes}: no such file; pass random, fixed or a JSON file")
@@ -131,7 +157,7 @@ def _default_out(options: RunOptions) -> Path:
     return Path("tokenflow-out") / f"{Path(options.video).stem}-{digest}"
 
 
-def _prepare(options: RunOptions, editor: TokenFlowEditor | None):
+def _prepare(options: RunOptions, editor: TokenFlowEditor | None, with_controlnet: bool = False):
     """Read and resize the frames, load the model: what both commands need."""
     timings = {}
     started = time.perf_counter()
@@ -139,7 +165,15 @@ def _prepare(options: RunOptions, editor: TokenFlowEditor | None):
     timings["read"] = time.perf_counter() - started
     started = time.perf_counter()
     if editor is None:
-        editor = TokenFlowEditor.from_pretrained(options.model, device=options.device, dtype=options.dtype)
+        from .models import parse_lora
+
+        editor = TokenFlowEditor.from_pretrained(
+            options.model,
+            device=options.device,
+            dtype=options.dtype,
+            loras=[parse_lora(spec) for spec in options.lora],
+            controlnet=options.controlnet if with_controlnet else None,
+        )
     timings["load_model"] = time.perf_counter() - started
     model = editor.model
     factor = model.vae_scale_factor
@@ -196,10 +230,21 @@ def edit_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> Ru
     """
     options.check_inputs()
     out_dir = Path(options.out) if options.out is not None else _default_out(options)
-    editor, frames, info, timings = _prepare(options, editor)
+    editor, frames, info, timings = _prepare(options, editor, with_controlnet=options.mode == "controlnet")
+    control = None
+    if options.mode == "controlnet":
+        from .control import control_maps, to_control_tensor
+
+        started = time.perf_counter()
+        control_frames = control_maps(
+            options.control, frames, start=options.start, stride=options.stride, low=options.canny_low,
+            high=options.canny_high, depth_model=options.depth_model,
+        )
+        control = to_control_tensor(control_frames)
+        timings["control_maps"] = time.perf_counter() - started
     source, cache_hit = _invert(editor, frames, options, timings)
     config = options.edit_config()
-    result = editor.edit(source, config, progress=not options.quiet)
+    result = editor.edit(source, config, progress=not options.quiet, control=control)
     timings["edit"] = result.seconds
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +257,8 @@ def edit_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> Ru
         fps = info.fps / options.stride
         _write_outputs(staging, editor, result, frames, info, options, fps)
         timings["decode_write"] = time.perf_counter() - started
+        if control is not None:
+            video_io.write_video(staging / "control.mp4", control_frames, fps)
         if options.save_latents:
             _save_latents(staging / "latents.safetensors", result, source)
         report = _run_report(options, editor, info, frames, fps, source, cache_hit, result, timings)
@@ -281,7 +328,8 @@ def _run_report(options, editor, info, frames, fps, source, cache_hit, result: E
     return dict(
         prompt=options.prompt,
         parameters=params,
-        model=dict(id=model.model_id, revision=model.revision, device=str(model.device), dtype=str(model.dtype)),
+        model=dict(id=model.model_id, revision=model.revision, device=str(model.device), dtype=str(model.dtype),
+                   loras=model.loras, controlnet=model.controlnet_id),
         versions=_versions(),
         seed=options.seed,
         video=dict(path=str(info.path), width=info.width, height=info.height, fps=info.fps, has_audio=info.has_audio,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build_tiny_sd", "write_tiny_tokenizer"]
+__all__ = ["build_tiny_sd", "build_tiny_controlnet", "build_tiny_lora", "write_tiny_tokenizer"]
 
 # SD 2.1-base's scheduler configuration (DDIM, "leading" spacing, offset 1).
 SD_SCHEDULER_CONFIG = dict(
@@ -142,4 +142,50 @@ def build_tiny_sd(
             indent=1,
         )
     )
+    return path
+
+
+def build_tiny_controlnet(path: Path, model_dir: Path, *, seed: int = 0) -> Path:
+    """A ControlNet shaped for the tiny SD in ``model_dir``, saved to ``path``.
+
+    A freshly made ControlNet's zero convolutions (outputs and the conditioning embedding's last layer) make it
+    change nothing until trained; here they get random weights so that tests can see the conditioning act.
+    """
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    path = Path(path)
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 8))
+        zero_convs = list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]
+        for conv in zero_convs + [controlnet.controlnet_cond_embedding.conv_out]:
+            torch.nn.init.normal_(conv.weight, std=0.1)
+            torch.nn.init.normal_(conv.bias, std=0.1)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    controlnet.save_pretrained(path)
+    return path
+
+
+def build_tiny_lora(path: Path, model_dir: Path, *, seed: int = 0, rank: int = 2) -> Path:
+    """Random LoRA weights for the tiny SD's UNet attention projections, saved in diffusers' LoRA format."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    path = Path(path)
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                       init_lora_weights=False)
+        )
+    finally:
+        torch.random.set_rng_state(gen_state)
+    StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              safe_serialization=True)
     return path

@@ -1,0 +1,85 @@
+"""ControlNet conditioning maps: canny edges (OpenCV), depth (a transformers estimator) or precomputed images."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from .errors import InputError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["canny_maps", "depth_maps", "folder_maps", "control_maps", "to_control_tensor", "check_control_fits"]
+
+
+def canny_maps(frames: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """Canny edges of each uint8 ``[N,H,W,3]`` frame as white-on-black RGB, same size as the frames."""
+    if not 0 <= low <= high:
+        raise InputError(f"--canny-low {low} / --canny-high {high}: need 0 <= low <= high")
+    out = np.empty_like(frames)
+    for i, frame in enumerate(frames):
+        edges = cv2.Canny(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), low, high)
+        out[i] = edges[:, :, None]
+    return out
+
+
+def depth_maps(frames: np.ndarray, model: str | None) -> np.ndarray:
+    """Relative depth of each frame from a ``transformers`` depth-estimation model, normalised per frame."""
+    if not model:
+        raise InputError("--control depth needs a depth estimator: pass --depth-model ID_OR_PATH (e.g. a DPT model)")
+    from PIL import Image
+    from transformers import pipeline
+
+    try:
+        estimator = pipeline("depth-estimation", model=model)
+    except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ModelLoadError(f"--depth-model {model}: could not be loaded ({reason}); pass a local folder") from exc
+    out = np.empty_like(frames)
+    for i, frame in enumerate(frames):
+        depth = np.asarray(estimator(Image.fromarray(frame))["depth"], dtype=np.float32)
+        depth = cv2.resize(depth, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_CUBIC)
+        span = float(depth.max() - depth.min()) or 1.0
+        out[i] = ((depth - depth.min()) / span * 255).astype(np.uint8)[:, :, None]
+    return out
+
+
+def folder_maps(folder: Path, start: int, stride: int, count: int, width: int, height: int) -> np.ndarray:
+    """Precomputed maps, one image per source frame (sorted by name), selected like the frames and resized."""
+    from .video import load_frames, resize_frames
+
+    maps, _ = load_frames(folder, start=start, stride=stride, max_frames=count)
+    if maps.shape[0] < count:
+        raise InputError(f"--control {folder}: has {maps.shape[0]} maps for the {count} selected frames; add the missing ones")
+    return resize_frames(maps, width, height)
+
+
+def control_maps(kind: str, frames: np.ndarray, *, start=0, stride=1, low=100, high=200, depth_model=None) -> np.ndarray:
+    """Maps for ``kind`` = ``canny``, ``depth`` or a folder of images, at the frames' size."""
+    if kind == "canny":
+        return canny_maps(frames, low, high)
+    if kind == "depth":
+        return depth_maps(frames, depth_model)
+    folder = Path(kind)
+    if not folder.is_dir():
+        raise InputError(f"--control {kind}: use canny, depth or a folder of precomputed maps")
+    n, height, width = frames.shape[:3]
+    return folder_maps(folder, start, stride, n, width, height)
+
+
+def to_control_tensor(maps: np.ndarray) -> torch.Tensor:
+    """uint8 ``[N,H,W,3]`` -> float ``[N,3,H,W]`` in [0, 1], as diffusers' ControlNet pipelines feed it."""
+    return torch.from_numpy(maps).permute(0, 3, 1, 2).float() / 255.0
+
+
+def check_control_fits(controlnet_id: str | None, kind: str) -> None:
+    """Refuse the obvious mismatches before heavy work: a depth ControlNet with canny maps and the reverse."""
+    name = (controlnet_id or "").lower()
+    for model_kind, other in (("depth", "canny"), ("canny", "depth")):
+        if model_kind in name and kind == other:
+            raise InputError(f"--controlnet {controlnet_id} is a {model_kind} ControlNet but --control is {kind}; "
+                             f"use --control {model_kind}")
