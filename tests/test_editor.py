@@ -47,7 +47,7 @@ def test_ddim_inversion_then_sampling_reconstructs_the_latents_on_a_trained_mode
     micro = load_model(MICRO_MODEL, device="cpu", dtype="float32")
     clip = torch.from_numpy(pan_frames(num_frames=3, width=96, height=64, shift=2, image="coffee"))
     src = invert_frames(micro, clip, steps=50, inversion_steps=50, reconstruct=True, progress=False)
-    recon = ddim_reconstruct(micro, src.noisy, micro.encode_text([""]))
+    recon = ddim_reconstruct(micro, src.noisy, micro.condition([""], 64, 96))
     rel = ((recon - src.clean).norm() / src.clean.norm()).item()
     assert rel < 0.1, rel
     assert src.reconstruction_psnr > 30

@@ -21,7 +21,7 @@ from .correspondence import linear_neighbors, reference_neighbors
 from .errors import InputError
 from .inversion import InversionCache, SourceLatents, invert_frames
 from .keyframes import KeyframeSchedule, RandomKeyframes, make_schedule
-from .models import DEFAULT_MODEL, StableDiffusionModel, load_model
+from .models import DEFAULT_MODEL, StableDiffusionModel, TextConditioning, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,12 @@ class TokenFlowEditor:
         eps = (source.noisy[top] - alphas[top] ** 0.5 * source.clean) / (1 - alphas[top]) ** 0.5
         x = scheduler.add_noise(source.clean, eps, torch.tensor([timesteps[0]]))
 
-        texts = model.encode_text([config.inversion_prompt, config.negative_prompt, config.prompt])
+        factor = model.vae_scale_factor
+        texts = model.condition(
+            [config.inversion_prompt, config.negative_prompt, config.prompt],
+            height=source.clean.shape[2] * factor,
+            width=source.clean.shape[3] * factor,
+        )
         schedule = make_schedule(config.keyframes, config.batch_size, config.seed)
         if generator is not None and isinstance(schedule, RandomKeyframes):
             schedule.generator = generator
@@ -297,10 +302,10 @@ def _check_keyframes(keyframes: list[int], n_frames: int, config: EditConfig) ->
 class _StepRunner:
     """One UNet call on a set of frames in the three-branch layout, then CFG and the DDIM step."""
 
-    def __init__(self, model: StableDiffusionModel, scheduler, texts: torch.Tensor, guidance: float, state):
+    def __init__(self, model: StableDiffusionModel, scheduler, texts: TextConditioning, guidance: float, state):
         self.model = model
         self.scheduler = scheduler
-        self.texts = texts  # [3, 77, D]: inversion prompt, negative prompt, target prompt
+        self.texts = texts  # 3 rows: inversion prompt (source), negative prompt (uncond), target prompt (cond)
         self.guidance = guidance
         self.state = state
         self.frame_evaluations = 0
@@ -308,17 +313,18 @@ class _StepRunner:
         self.control: torch.Tensor | None = None  # [N, 3, H, W] in [0, 1]
         self.control_scale = 1.0
 
-    def _control_residuals(self, latents: torch.Tensor, text: torch.Tensor, frames: list[int], t: int) -> dict:
+    def _control_residuals(self, latents: torch.Tensor, text: TextConditioning, frames: list[int], t: int) -> dict:
         """ControlNet residuals for the edited branches (uncond, cond); zeros for the source branch."""
         n = len(frames)
         image = self.control[frames].to(self.model.device, self.controlnet.dtype).repeat(NUM_BRANCHES - 1, 1, 1, 1)
+        edited = text.rows(list(range(n, NUM_BRANCHES * n)))
         down, mid = self.controlnet(
             latents[n:].to(self.controlnet.dtype),
             t,
-            encoder_hidden_states=text[n:].to(self.controlnet.dtype),
             controlnet_cond=image,
             conditioning_scale=self.control_scale,
             return_dict=False,
+            **edited.unet_kwargs(),
         )
 
         def with_source(r: torch.Tensor) -> torch.Tensor:
@@ -333,9 +339,9 @@ class _StepRunner:
         model = self.model
         n = len(frames)
         latents = torch.cat([src_t[frames], x[frames], x[frames]]).to(model.device, model.dtype)
-        text = self.texts.repeat_interleave(n, dim=0)
+        text = self.texts.rows(torch.arange(NUM_BRANCHES).repeat_interleave(n))  # branch-major, n frames each
         extra = self._control_residuals(latents, text, frames, t) if self.controlnet is not None else {}
-        pred = model.unet(latents, t, encoder_hidden_states=text, **extra).sample.float()
+        pred = model.predict(latents, t, text, **extra)
         self.frame_evaluations += NUM_BRANCHES * n
         _, uncond, cond = pred.chunk(NUM_BRANCHES)
         eps = uncond + self.guidance * (cond - uncond)

