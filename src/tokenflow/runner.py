@@ -49,7 +49,7 @@ class RunOptions:
     propagation: str = "tokenflow"
     blending: str = "linear"
     keyframes: str | Sequence = "random"
-    size: int = 512
+    size: int | None = None  # None: the model's native size (512 for SD 1.x/2.1-base, 1024 for SDXL)
     max_frames: int | None = None
     start: int = 0
     stride: int = 1
@@ -101,7 +101,7 @@ class RunOptions:
         """Cheap checks that run before any heavy work; each raises one :class:`InputError` line."""
         if editing:
             self.edit_config().check_inputs()
-        if self.size < 8 * MIN_LATENT_SIDE:
+        if self.size is not None and self.size < 8 * MIN_LATENT_SIDE:
             raise InputError(f"--size {self.size} is too small for Stable Diffusion; use --size 64 or more (512 is native)")
         if self.inversion_steps < 1:
             raise InputError(f"--inversion-steps {self.inversion_steps}: must be at least 1")
@@ -177,11 +177,12 @@ def _prepare(options: RunOptions, editor: TokenFlowEditor | None, with_controlne
     timings["load_model"] = time.perf_counter() - started
     model = editor.model
     factor = model.vae_scale_factor
-    width, height = video_io.working_size(info.width, info.height, options.size, multiple=factor)
+    size = options.size if options.size is not None else model.default_size
+    width, height = video_io.working_size(info.width, info.height, size, multiple=factor)
     depth = 2 ** (len(model.unet.config.down_block_types) - 1)
     if min(width, height) < factor * depth:
         raise InputError(
-            f"--size {options.size} is too small for {options.model}: the short side must be at least "
+            f"--size {size} is too small for {options.model}: the short side must be at least "
             f"{factor * depth} px; use a larger --size"
         )
     frames = video_io.resize_frames(frames, width, height)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build_tiny_sd", "build_tiny_controlnet", "build_tiny_lora", "write_tiny_tokenizer"]
+__all__ = ["build_tiny_sd", "build_tiny_sdxl", "build_tiny_controlnet", "build_tiny_lora", "write_tiny_tokenizer"]
 
 # SD 2.1-base's scheduler configuration (DDIM, "leading" spacing, offset 1).
 SD_SCHEDULER_CONFIG = dict(
@@ -188,4 +188,79 @@ def build_tiny_lora(path: Path, model_dir: Path, *, seed: int = 0, rank: int = 2
         torch.random.set_rng_state(gen_state)
     StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(unet),
                                               safe_serialization=True)
+    return path
+
+
+def build_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
+    """A random-weight SDXL-shaped pipeline (two text encoders, added text/time conditioning, SDXL block layout:
+    plain down block first, cross-attention up blocks first, 2 transformer layers at the deepest level)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    text_dim, time_dim = 16, 8
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(8, 16, 32),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 8),
+            cross_attention_dim=2 * text_dim,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + text_dim,
+            norm_num_groups=4,
+            use_linear_projection=True,
+        )
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=4,
+            layers_per_block=1,
+            sample_size=64,
+            scaling_factor=0.13025,
+        )
+        config = CLIPTextConfig(
+            vocab_size=128,
+            hidden_size=text_dim,
+            intermediate_size=2 * text_dim,
+            num_attention_heads=2,
+            num_hidden_layers=3,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            projection_dim=text_dim,
+        )
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(config)
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(config)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    write_tiny_tokenizer(path / "_tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(path / "_tokenizer")
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+    )
+    pipe.save_pretrained(path)
+    import shutil
+
+    shutil.rmtree(path / "_tokenizer")
     return path

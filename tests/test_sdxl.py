@@ -1,0 +1,93 @@
+"""SDXL-family models: the same processors and hooks fit its block layout by role, end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import pytest
+import torch
+
+from tokenflow.attention import TokenFlowState, select_layers, tokenflow_attention
+from tokenflow.cli import main
+from tokenflow.models import load_model
+from tokenflow.testing import build_tiny_controlnet, build_tiny_sd, build_tiny_sdxl
+
+OUTPUTS = ("edited.mp4", "source.mp4", "side_by_side.mp4", "preview.png", "run.json")
+
+
+@pytest.fixture(scope="module")
+def xl_dir(tmp_path_factory):
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="module")
+def xl(xl_dir):
+    return load_model(xl_dir, device="cpu", dtype="float32")
+
+
+def test_sdxl_is_recognised_with_its_native_size_and_dual_conditioning(xl):
+    assert xl.is_xl and xl.default_size == 64  # sample_size 8 x VAE factor 8
+    cond = xl.condition(["", "a robot"], height=64, width=96)
+    assert cond.embeds.shape == (2, 77, 32)  # both text encoders' hidden states, concatenated
+    assert cond.added["text_embeds"].shape == (2, 16)
+    assert cond.added["time_ids"].tolist() == [[64, 96, 0, 0, 64, 96]] * 2
+    assert not torch.equal(cond.embeds[0], cond.embeds[1])
+
+
+def test_layers_chosen_by_role_on_the_sdxl_layout(xl):
+    self_attn, qk, conv = select_layers(xl.unet)
+    # SDXL's decoder starts with cross-attention blocks; the first (coarsest) attention module is skipped
+    assert all(n.startswith("up_blocks.") for n in qk)
+    assert not any(n.startswith("up_blocks.0.attentions.0.") for n in qk)
+    assert any(n.startswith("up_blocks.0.attentions.1.") for n in qk)
+    assert conv == ["up_blocks.1.resnets.1"]
+    assert len(self_attn) == sum(1 for n in xl.unet.attn_processors if n.endswith("attn1.processor"))
+
+
+def test_processors_on_sdxl_apply_and_remove_exactly(xl):
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 4, 8, 12, generator=g)
+    cond = xl.condition(["", "ugly", "a robot"], 64, 96).rows([0, 0, 1, 1, 2, 2])
+    before = xl.predict(latents, 500, cond)
+    state = TokenFlowState()
+    with tokenflow_attention(xl.unet, state):
+        assert torch.equal(xl.predict(latents, 500, cond), before)
+        state.mode, state.qk_inject, state.conv_inject = "keyframe", True, True
+        assert not torch.allclose(xl.predict(latents, 500, cond), before, atol=1e-4)
+    assert torch.equal(xl.predict(latents, 500, cond), before)
+
+
+def _args(clip, model, out, cache, *extra):
+    return ["edit", str(clip), "--prompt", "a robot", "--model", str(model), "--steps", "3", "--inversion-steps", "3",
+            "--batch-size", "4", "--cache-dir", str(cache), "--out", str(out), "--quiet", *extra]
+
+
+def test_sdxl_edits_end_to_end_through_the_cli_at_its_native_size(pan_clip, xl_dir, tmp_path):
+    out = tmp_path / "xl"
+    assert main(_args(pan_clip, xl_dir, out, tmp_path / "cache")) == 0  # no --size: the model's own (64)
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    with av.open(str(out / "edited.mp4")) as c:
+        stream = c.streams.video[0]
+        assert (stream.width, stream.height) == (96, 64)  # 144x96 source at short side 64
+        assert c.streams.audio
+    report = json.loads((out / "run.json").read_text())
+    assert report["output"]["height"] == 64 and len(report["keyframes"]) == 3
+
+
+def test_sdxl_with_controlnet_end_to_end(pan_clip, xl_dir, tmp_path):
+    cn = build_tiny_controlnet(tmp_path / "xl-cn", xl_dir)
+    out = tmp_path / "xl-cn-run"
+    assert main(_args(pan_clip, xl_dir, out, tmp_path / "cache", "--mode", "controlnet", "--controlnet", str(cn))) == 0
+    assert (out / "control.mp4").is_file() and (out / "edited.mp4").is_file()
+
+
+def test_an_sdxl_controlnet_on_an_sd_base_is_refused(pan_clip, xl_dir, tmp_path, capsys):
+    sd = build_tiny_sd(tmp_path / "sd")
+    cn = build_tiny_controlnet(tmp_path / "xl-cn", xl_dir)
+    out = tmp_path / "bad"
+    code = main(_args(pan_clip, sd, out, tmp_path / "cache", "--mode", "controlnet", "--controlnet", str(cn)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "another base model" in err[0], err
+    assert not out.exists()
