@@ -409,3 +409,16 @@ def test_installed_command_reports_errors_in_one_line(tmp_path):
     assert lines[0].startswith("tokenflow: error:") and "missing.mp4" in lines[0]
     assert proc.stdout == ""
     assert not out.exists()
+
+
+def test_a_hub_model_that_is_not_cached_offline_is_one_line_saying_how_to_fix_it(pan_clip, tmp_path):
+    script = Path(sys.executable).with_name("tokenflow")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "tokenflow.cli"]
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run(cmd + ["edit", str(pan_clip), "--prompt", "a robot", "--model", "someone/typo-model",
+                                 "--out", str(out)], capture_output=True, text=True, timeout=120, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "someone/typo-model" in lines[0] and "local cache" in lines[0] and "internet" in lines[0]
+    assert not out.exists()

@@ -27,6 +27,12 @@ __all__ = [
     "KeyframeTokens",
     "TokenFlowState",
     "TokenFlowAttnProcessor",
+    "extended_attention",
+    "windowed_extended_attention",
+    "anchor_positions",
+    "keyframe_key_sets",
+    "auto_keyframe_window",
+    "DEFAULT_KEYFRAME_TOKEN_BUDGET",
     "LayerSelection",
     "select_layers",
     "tokenflow_attention",
@@ -43,6 +49,24 @@ class KeyframeTokens:
     source_inputs: torch.Tensor  # [K, L, C] the source branch's attention input tokens (after norm1)
     outputs: torch.Tensor  # [3, K, L, C] attention outputs of all branches (after to_out)
 
+    def to_host(self) -> "KeyframeTokens":
+        """A copy in host memory (page-locked when coming from CUDA, so the copies back can overlap compute)."""
+
+        def host(x: torch.Tensor) -> torch.Tensor:
+            pinned = x.is_cuda
+            out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=pinned)
+            return out.copy_(x, non_blocking=pinned)  # stream-ordered before any later copy back to the device
+
+        return KeyframeTokens(source_inputs=host(self.source_inputs), outputs=host(self.outputs))
+
+    def select(self, positions: list[int], device: torch.device) -> "KeyframeTokens":
+        """Only the keyframes at ``positions`` (in that order), on ``device``."""
+        index = torch.tensor(positions, device=self.source_inputs.device)
+        return KeyframeTokens(
+            source_inputs=self.source_inputs.index_select(0, index).to(device, non_blocking=True),
+            outputs=self.outputs.index_select(1, index).to(device, non_blocking=True),
+        )
+
 
 @dataclass
 class TokenFlowState:
@@ -51,6 +75,17 @@ class TokenFlowState:
     ``mode``: ``"default"`` (plain attention), ``"keyframe"`` (attention computed, optionally extended across the
     call's frames and stored) or ``"propagate"`` (attention replaced by keyframe tokens gathered along the source
     nearest-neighbour field and blended with ``next_weight``).
+
+    Options for long videos (kept by :meth:`reset`, which clears only the per-call state):
+
+    ``keyframe_window``: ``None`` for full joint attention across the keyframes (the paper's extended attention);
+    an integer ``K`` makes keyframe ``j`` attend only to keyframes ``j-K .. j+K`` plus the ``anchors`` keyframes
+    (see :func:`windowed_extended_attention`), so the keyframe pass costs O(k * K) instead of O(k^2).
+    ``anchors``: number of global anchor keyframes, evenly spaced (:func:`anchor_positions`), that every keyframe
+    attends to in windowed mode; they carry one appearance across the whole video.
+    ``offload_cache``: keep the stored :class:`KeyframeTokens` in host memory and move to the device only the
+    keyframes a propagation batch uses; the results are identical, device memory no longer grows with the number
+    of keyframes.
     """
 
     mode: str = "default"
@@ -62,6 +97,15 @@ class TokenFlowState:
     next_index: torch.Tensor | None = None
     next_weight: torch.Tensor | None = None  # [n] float32
     cache: dict[str, KeyframeTokens] = field(default_factory=dict)
+    keyframe_window: int | None = None
+    anchors: int = 0
+    offload_cache: bool = False
+
+    def __post_init__(self):
+        if self.keyframe_window is not None and self.keyframe_window < 0:
+            raise ValueError(f"keyframe_window {self.keyframe_window}: must be None (full attention) or >= 0")
+        if self.anchors < 0:
+            raise ValueError(f"anchors {self.anchors}: must be >= 0")
 
     def reset(self) -> None:
         self.mode = "default"
@@ -89,6 +133,106 @@ def extended_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
     out = F.scaled_dot_product_attention(flat(q), flat(k), flat(v))
     return out.view(b, h, n, length, d).permute(0, 2, 1, 3, 4)
+
+
+def anchor_positions(num_keyframes: int, anchors: int) -> list[int]:
+    """``anchors`` keyframe positions spread evenly over ``num_keyframes``: the middles of equal segments."""
+    count = min(max(int(anchors), 0), num_keyframes)
+    return sorted({(2 * i + 1) * num_keyframes // (2 * count) for i in range(count)})
+
+
+def keyframe_key_sets(num_keyframes: int, window: int | None, anchors: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(query keyframes, key keyframes) groups of windowed extended attention, keys ascending.
+
+    Keyframe ``j`` attends to keyframes ``max(0, j-window) .. min(n-1, j+window)`` and the anchors, without
+    duplicates; keyframes with the same key set share one group (one attention call). ``window=None``: one group,
+    every keyframe attending to all.
+    """
+    n = num_keyframes
+    if window is None or window >= n - 1:
+        return [(list(range(n)), list(range(n)))]
+    extra = set(anchor_positions(n, anchors))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j in range(n):
+        keys = set(range(max(0, j - window), min(n - 1, j + window) + 1)) | extra
+        groups.setdefault(tuple(sorted(keys)), []).append(j)
+    return [(queries, list(keys)) for keys, queries in groups.items()]
+
+
+def _runs(positions: list[int]) -> list[tuple[int, int]]:
+    """Ascending positions as maximal ``[start, stop)`` runs of consecutive values."""
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+def windowed_extended_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, anchors: int = 0
+) -> torch.Tensor:
+    """Extended attention restricted to a temporal window of keyframes plus evenly spaced anchor keyframes.
+
+    ``q, k, v``: ``[B, n, heads, L, d]`` -> ``[B, n, heads, L, d]``. Keyframe ``j``'s queries attend to the tokens
+    of keyframes ``j-window .. j+window`` (clipped) and of the ``anchors`` keyframes (:func:`keyframe_key_sets`),
+    concatenated in ascending order: cost O(n * (2 * window + 1 + anchors)) frames of keys instead of O(n^2).
+    ``window=None`` (or a window that covers every keyframe) is exactly :func:`extended_attention`.
+
+    Keys are laid out once as ``[B, heads, n, L, d]``, so a contiguous run of keyframes is a view; only key sets
+    broken by anchors are concatenated, one group at a time (never a copy per keyframe of all keys).
+    """
+    b, n, h, length, d = q.shape
+    groups = keyframe_key_sets(n, window, anchors)
+    if len(groups) == 1 and len(groups[0][1]) == n:
+        return extended_attention(q, k, v)
+
+    def frames_major(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 1, 3, 4).contiguous()  # [B, heads, n, L, d]
+
+    qf, kf, vf = frames_major(q), frames_major(k), frames_major(v)
+
+    def tokens(x: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        parts = [x[:, :, a:z].reshape(b, h, (z - a) * length, d) for a, z in _runs(positions)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    out = torch.empty_like(qf)
+    for queries, keys in groups:
+        o = F.scaled_dot_product_attention(tokens(qf, queries), tokens(kf, keys), tokens(vf, keys))
+        o = o.view(b, h, len(queries), length, d)
+        done = 0
+        for a, z in _runs(queries):
+            out[:, :, a:z] = o[:, :, done : done + z - a]
+            done += z - a
+    return out.permute(0, 2, 1, 3, 4)
+
+
+# 16 keyframes of Stable Diffusion's 64x64-token first attention level (512 px): 128 frames at --batch-size 8.
+DEFAULT_KEYFRAME_TOKEN_BUDGET = 16 * 64 * 64
+
+
+def auto_keyframe_window(
+    num_keyframes: int, tokens_per_frame: int, budget_tokens: int = DEFAULT_KEYFRAME_TOKEN_BUDGET, anchors: int = 0
+) -> int | None:
+    """A keyframe window for :func:`windowed_extended_attention`: ``None`` (full) while it fits the token budget.
+
+    ``tokens_per_frame``: tokens of the largest self-attention level, i.e. latent ``h * w`` for SD/SDXL.
+    Full joint attention lets every keyframe see every other one, which is what makes the paper's edit globally
+    consistent, but its cost grows as ``(num_keyframes * tokens_per_frame) ** 2`` in compute and, without a fused
+    kernel, in memory. Past ``budget_tokens`` keys per query the window is the largest ``K`` with
+    ``(2K + 1 + anchors) * tokens_per_frame <= budget_tokens`` (at least 1): cost then grows linearly with the
+    video. The price: keyframes further apart than the window only meet through the chain of overlapping windows
+    (one hop of ``K`` keyframes per attention layer and step), so a look that depends on the edit's free choices
+    (a colour, a texture) can drift slowly along a long video; ``anchors`` give every keyframe the same few
+    global references at ``anchors * tokens_per_frame`` extra keys each, which holds it together.
+    """
+    if num_keyframes < 1 or tokens_per_frame < 1:
+        raise ValueError(f"num_keyframes {num_keyframes} and tokens_per_frame {tokens_per_frame} must be positive")
+    if num_keyframes * tokens_per_frame <= budget_tokens:
+        return None
+    frames = budget_tokens // tokens_per_frame
+    return max(1, (frames - 1 - anchors) // 2)
 
 
 class TokenFlowAttnProcessor:
@@ -135,7 +279,9 @@ class TokenFlowAttnProcessor:
         if state.extended and n > 1:
             per_frame = F.scaled_dot_product_attention(q[:n], k[:n], v[:n])  # the source branch stays per frame
             shape = (NUM_BRANCHES - 1, n) + q.shape[1:]
-            joint = extended_attention(q[n:].view(shape), k[n:].view(shape), v[n:].view(shape))
+            joint = windowed_extended_attention(
+                q[n:].view(shape), k[n:].view(shape), v[n:].view(shape), state.keyframe_window, state.anchors
+            )
             out = torch.cat([per_frame, joint.reshape((NUM_BRANCHES - 1) * n, *q.shape[1:])])
         else:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -145,10 +291,12 @@ class TokenFlowAttnProcessor:
             out = out + residual
         out = out / attn.rescale_output_factor
         if state.store:
-            state.cache[self.name] = KeyframeTokens(
-                source_inputs=hidden_states[:n].detach(),
+            # the source rows are cloned, so the stored tokens do not keep the three-branch input alive
+            tokens = KeyframeTokens(
+                source_inputs=hidden_states[:n].detach().clone(),
                 outputs=out.view(NUM_BRANCHES, n, length, -1).detach(),
             )
+            state.cache[self.name] = tokens.to_host() if state.offload_cache else tokens
         return out
 
     def _propagate(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -157,9 +305,16 @@ class TokenFlowAttnProcessor:
         total, length, dim = hidden_states.shape
         n = total // NUM_BRANCHES
         source = hidden_states[:n]  # correspondences come from the source video only
+        next_index, prev_index = state.next_index.tolist(), state.prev_index.tolist()
+        if state.offload_cache:
+            # offloaded cache: bring over only the keyframes this batch blends, renumbered in that subset
+            needed = sorted(set(next_index) | set(prev_index))
+            stored = stored.select(needed, hidden_states.device)
+            local = {j: i for i, j in enumerate(needed)}
+            next_index, prev_index = [local[j] for j in next_index], [local[j] for j in prev_index]
         result = []
         for f in range(n):  # one frame at a time bounds the [L, L] similarity matrix
-            j_next, j_prev = int(state.next_index[f]), int(state.prev_index[f])
+            j_next, j_prev = next_index[f], prev_index[f]
             nn_next = nearest_neighbors(source[f : f + 1], stored.source_inputs[j_next : j_next + 1])
             out = gather_tokens(stored.outputs[:, j_next : j_next + 1], nn_next)
             w = state.next_weight[f]

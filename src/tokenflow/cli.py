@@ -201,6 +201,9 @@ def _setup_logging(quiet: bool) -> None:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+        import huggingface_hub
+
+        huggingface_hub.utils.logging.set_verbosity_error()  # no per-retry lines for an unreachable hub
     except Exception:  # noqa: BLE001 - quieting libraries is best effort
         pass
 

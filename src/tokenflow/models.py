@@ -187,6 +187,27 @@ def _hub_revision(model_id: str, revision: str | None) -> str | None:
         return revision
 
 
+def _explain_load_error(exc: BaseException) -> str:
+    """One line saying why a model could not be loaded and what to do, from the exception chain."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(" ".join(str(e).split()) for e in chain)
+    if "GatedRepoError" in names:
+        return "the repository is gated; accept its license on the hub and run `huggingface-cli login`"
+    if "RepositoryNotFoundError" in names:
+        return "no such model on the hub; check the id for a typo, or pass a local folder"
+    if "LocalEntryNotFoundError" in names or "not fully cached" in text or "offline" in text.lower():
+        return (
+            "not in the local cache and the hub cannot be reached; connect to the internet once so it is "
+            "downloaded, check the id for a typo, or pass a local diffusers folder"
+        )
+    reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+    return f"could not be loaded ({reason}); check that it is a Stable Diffusion checkpoint, or pass a local folder"
+
+
 def _is_xl_checkpoint(model: str, path: Path, revision, local_files_only: bool) -> bool:
     """Whether a folder, hub repo or single file holds an SDXL-family pipeline (read from metadata, not weights)."""
     import json
@@ -261,11 +282,7 @@ def load_model(
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"--model {model}: could not be loaded ({reason}); check the id or path, connect to the internet "
-            "once so it is cached (or `huggingface-cli login` for gated models), or pass a local folder"
-        ) from exc
+        raise ModelLoadError(f"--model {model}: {_explain_load_error(exc)}") from exc
     loras = list(loras or [])
     if loras:
         _apply_loras(pipe, loras)
