@@ -78,24 +78,8 @@ class RunOptions:
     lora: list[str] = field(default_factory=list)
 
     def edit_config(self) -> EditConfig:
-        return EditConfig(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            inversion_prompt=self.inversion_prompt,
-            steps=self.steps,
-            guidance_scale=self.guidance_scale,
-            batch_size=self.batch_size,
-            pnp_attn_t=self.pnp_attn_t,
-            pnp_f_t=self.pnp_f_t,
-            propagation=self.propagation,
-            blending=self.blending,
-            keyframes=self.keyframes,
-            seed=self.seed,
-            mode=self.mode,
-            strength=self.strength,
-            pnp=self.pnp,
-            controlnet_scale=self.controlnet_scale,
-        )
+        """The editing loop's options: every :class:`EditConfig` field this run sets (same names)."""
+        return EditConfig(**{f.name: getattr(self, f.name) for f in fields(EditConfig) if hasattr(self, f.name)})
 
     def check_inputs(self, editing: bool = True) -> None:
         """Cheap checks that run before any heavy work; each raises one :class:`InputError` line."""

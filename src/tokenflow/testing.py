@@ -52,6 +52,40 @@ def write_tiny_tokenizer(path: Path) -> None:
     )
 
 
+def _tiny_vae(channels: tuple[int, ...], scaling_factor: float = 0.18215):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _tiny_text_config(dim: int, layers: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=128,
+        hidden_size=dim,
+        intermediate_size=2 * dim,
+        num_attention_heads=2,
+        num_hidden_layers=layers,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=dim,
+    )
+
+
 def build_tiny_sd(
     path: Path,
     *,
@@ -68,8 +102,8 @@ def build_tiny_sd(
     ``prediction_type`` selects epsilon or v-prediction (SD 2.x 768 models use ``"v_prediction"``).
     Larger ``block_out_channels`` give the "mid-sized" benchmark model.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     path = Path(path)
     gen_state = torch.random.get_rng_state()
@@ -89,32 +123,9 @@ def build_tiny_sd(
             use_linear_projection=True,
         )
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=vae_channels,
-            down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-            latent_channels=4,
-            norm_num_groups=4,
-            layers_per_block=1,
-            sample_size=64,
-        )
+        vae = _tiny_vae(vae_channels)
         torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=128,
-                hidden_size=cross_attention_dim,
-                intermediate_size=2 * cross_attention_dim,
-                num_attention_heads=2,
-                num_hidden_layers=2,
-                max_position_embeddings=77,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-                projection_dim=cross_attention_dim,
-            )
-        )
+        text_encoder = CLIPTextModel(_tiny_text_config(cross_attention_dim, layers=2))
     finally:
         torch.random.set_rng_state(gen_state)
 
@@ -194,8 +205,8 @@ def build_tiny_lora(path: Path, model_dir: Path, *, seed: int = 0, rank: int = 2
 def build_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
     """A random-weight SDXL-shaped pipeline (two text encoders, added text/time conditioning, SDXL block layout:
     plain down block first, cross-attention up blocks first, 2 transformer layers at the deepest level)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(path)
     text_dim, time_dim = 16, 8
@@ -220,28 +231,8 @@ def build_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
             use_linear_projection=True,
         )
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            block_out_channels=(8, 16, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=4,
-            layers_per_block=1,
-            sample_size=64,
-            scaling_factor=0.13025,
-        )
-        config = CLIPTextConfig(
-            vocab_size=128,
-            hidden_size=text_dim,
-            intermediate_size=2 * text_dim,
-            num_attention_heads=2,
-            num_hidden_layers=3,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            projection_dim=text_dim,
-        )
+        vae = _tiny_vae((8, 16, 16, 16), scaling_factor=0.13025)
+        config = _tiny_text_config(text_dim, layers=3)
         torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(config)
         torch.manual_seed(seed + 3)
