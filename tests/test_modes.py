@@ -183,3 +183,72 @@ def test_cli_mode_mismatches_are_one_line_errors(pan_clip, tiny_model_dir, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("tokenflow: error:") and needle in err[0], err
     assert not out.exists()
+
+
+def test_depth_maps_from_a_transformers_estimator_end_to_end(pan_clip, tiny_model_dir, controlnet_dir, tmp_path):
+    from tokenflow.control import depth_maps
+    from tokenflow.testing import build_tiny_depth_estimator
+
+    depth_dir = build_tiny_depth_estimator(tmp_path / "dpt")
+    frames = pan_frames(num_frames=2, width=96, height=64, shift=4)
+    maps = depth_maps(frames, str(depth_dir))
+    assert maps.shape == frames.shape and maps.min() == 0 and maps.max() == 255  # normalised per frame
+    assert (maps[..., 0] == maps[..., 1]).all()  # grey
+    out = tmp_path / "depth-run"
+    assert main(_edit_args(pan_clip, tiny_model_dir, out, tmp_path / "cache", "--mode", "controlnet", "--controlnet",
+                           str(controlnet_dir), "--control", "depth", "--depth-model", str(depth_dir))) == 0
+    assert (out / "control.mp4").is_file()
+
+
+def test_an_unloadable_depth_model_is_one_line(pan_clip, tiny_model_dir, controlnet_dir, tmp_path, capsys):
+    out = tmp_path / "bad"
+    code = main(_edit_args(pan_clip, tiny_model_dir, out, tmp_path / "cache", "--mode", "controlnet", "--controlnet",
+                           str(controlnet_dir), "--control", "depth", "--depth-model", str(tmp_path / "no-dpt")))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--depth-model" in err[0], err
+    assert not out.exists()
+
+
+def test_a_folder_of_maps_is_selected_like_the_frames(tmp_path):
+    from PIL import Image
+
+    from tokenflow.control import control_maps
+
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for i in range(12):  # map i is a flat image of value 10 * i
+        Image.fromarray(np.full((32, 48, 3), 10 * i, np.uint8)).save(folder / f"{i:04d}.png")
+    frames = np.zeros((4, 64, 96, 3), np.uint8)
+    maps = control_maps(str(folder), frames, start=2, stride=3)
+    assert maps.shape == frames.shape
+    assert [int(m.mean()) for m in maps] == [20, 50, 80, 110]  # frames 2, 5, 8, 11
+    with pytest.raises(InputError, match="maps for the"):
+        control_maps(str(folder), np.zeros((5, 64, 96, 3), np.uint8), start=2, stride=3)
+
+
+def test_cli_with_a_folder_of_maps(pan_clip, tiny_model_dir, controlnet_dir, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((96, 144, 3), 25 * i, np.uint8)).save(folder / f"{i:04d}.png")
+    out = tmp_path / "folder-run"
+    assert main(_edit_args(pan_clip, tiny_model_dir, out, tmp_path / "cache", "--mode", "controlnet", "--controlnet",
+                           str(controlnet_dir), "--control", str(folder))) == 0
+    assert (out / "control.mp4").is_file()
+
+
+def test_a_model_predicting_something_ddim_inversion_cannot_use_is_refused(tmp_path):
+    odd = build_tiny_sd(tmp_path / "sample-pred", prediction_type="sample")
+    with pytest.raises(ModelLoadError, match="predicts 'sample'"):
+        load_model(odd, device="cpu")
+
+
+def test_sdxl_vae_stays_float32_when_the_model_runs_in_float16(tmp_path):
+    from tokenflow.testing import build_tiny_sdxl
+
+    xl = load_model(build_tiny_sdxl(tmp_path / "xl"), device="cpu", dtype="float16")
+    assert xl.unet.dtype == torch.float16 and xl.vae.dtype == torch.float32
+    sd = load_model(build_tiny_sd(tmp_path / "sd"), device="cpu", dtype="float16")
+    assert sd.vae.dtype == torch.float16  # SD 1.x/2.x VAEs are fine in float16

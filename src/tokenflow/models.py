@@ -283,6 +283,12 @@ def load_model(
         raise
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"
         raise ModelLoadError(f"--model {model}: {_explain_load_error(exc)}") from exc
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ModelLoadError(
+            f"--model {model}: its scheduler predicts {prediction!r}; DDIM inversion here supports epsilon and "
+            "v_prediction models (set prediction_type in scheduler/scheduler_config.json if it is mislabelled)"
+        )
     loras = list(loras or [])
     if loras:
         _apply_loras(pipe, loras)

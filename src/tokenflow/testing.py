@@ -13,7 +13,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build_tiny_sd", "build_tiny_sdxl", "build_tiny_controlnet", "build_tiny_lora", "write_tiny_tokenizer"]
+__all__ = [
+    "build_tiny_sd",
+    "build_tiny_sdxl",
+    "build_tiny_controlnet",
+    "build_tiny_lora",
+    "build_tiny_depth_estimator",
+    "write_tiny_tokenizer",
+]
 
 # SD 2.1-base's scheduler configuration (DDIM, "leading" spacing, offset 1).
 SD_SCHEDULER_CONFIG = dict(
@@ -254,4 +261,32 @@ def build_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
     import shutil
 
     shutil.rmtree(path / "_tokenizer")
+    return path
+
+
+def build_tiny_depth_estimator(path: Path, *, seed: int = 0) -> Path:
+    """A random-weight DPT depth estimator (transformers), saved with its image processor, for ``--depth-model``."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    path = Path(path)
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = DPTForDepthEstimation(
+            DPTConfig(
+                hidden_size=16,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                intermediate_size=32,
+                image_size=32,
+                patch_size=8,
+                neck_hidden_sizes=[8, 8, 16, 16],
+                fusion_hidden_size=16,
+                backbone_out_indices=[0, 1, 2, 3],
+            )
+        )
+    finally:
+        torch.random.set_rng_state(gen_state)
+    model.save_pretrained(path)
+    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(path)
     return path
