@@ -1,0 +1,462 @@
+"""Long videos in bounded memory: windowed keyframe attention, host-side keyframe cache, lazy and resumable inversion.
+
+Run as a script (``python tests/test_long_video.py MODEL_DIR FRAMES SIZE STEPS KEYFRAMES``) it is the worker of
+the host-memory test: one invert + edit in a fresh process, printing its peak memory growth as JSON.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenflow import editor as editor_module
+from tokenflow.attention import (
+    KeyframeTokens,
+    TokenFlowState,
+    anchor_positions,
+    auto_keyframe_window,
+    extended_attention,
+    keyframe_key_sets,
+    tokenflow_attention,
+    windowed_extended_attention,
+)
+from tokenflow.editor import EditConfig, TokenFlowEditor
+from tokenflow.inversion import (
+    InversionCache,
+    LazyLatents,
+    SafetensorsWriter,
+    SourceLatents,
+    inversion_grid,
+    invert_frames,
+    write_safetensors,
+)
+from tokenflow.models import load_model
+from tokenflow.video import pan_frames
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def frames() -> torch.Tensor:
+    return torch.from_numpy(pan_frames(num_frames=6, width=96, height=64, shift=4))
+
+
+@pytest.fixture(scope="module")
+def source(model, frames) -> SourceLatents:
+    return invert_frames(model, frames, steps=3, inversion_steps=6, reconstruct=False, progress=False)
+
+
+def _config(**kw) -> EditConfig:
+    base = dict(prompt="a robot", steps=3, batch_size=2, seed=0)
+    base.update(kw)
+    return EditConfig(**base)
+
+
+@pytest.fixture
+def state_options(monkeypatch):
+    """Set the editor's TokenFlowState options (until EditConfig carries them)."""
+
+    def apply(**options):
+        monkeypatch.setattr(editor_module, "TokenFlowState", functools.partial(TokenFlowState, **options))
+
+    return apply
+
+
+# -- windowed extended attention ------------------------------------------------------------------------------
+
+
+def _qkv(n, seed=0, dtype=torch.float64, b=2, heads=2, length=5, d=4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, heads, length, d, generator=g, dtype=dtype) for _ in range(3)]
+
+
+def _naive_windowed(q, k, v, window, anchors):
+    b, n, heads, length, d = q.shape
+    extra = set(anchor_positions(n, anchors))
+    out = torch.empty_like(q)
+    for j in range(n):
+        keys = sorted(set(range(max(0, j - window), min(n - 1, j + window) + 1)) | extra)
+        for bi in range(b):
+            for h in range(heads):
+                kk = torch.cat([k[bi, i, h] for i in keys])
+                vv = torch.cat([v[bi, i, h] for i in keys])
+                out[bi, j, h] = torch.softmax(q[bi, j, h] @ kk.T / math.sqrt(d), dim=-1) @ vv
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_a_window_covering_every_keyframe_is_full_extended_attention_exactly(n):
+    q, k, v = _qkv(n, dtype=torch.float32)
+    full = extended_attention(q, k, v)
+    for window, anchors in [(None, 0), (None, 3), (n - 1, 0), (n + 5, 2)]:
+        assert torch.equal(windowed_extended_attention(q, k, v, window, anchors), full)
+
+
+@pytest.mark.parametrize("n, window, anchors", [(7, 1, 0), (7, 2, 0), (7, 1, 1), (9, 1, 2), (6, 0, 0), (8, 2, 3)])
+def test_windowed_attention_equals_a_naive_loop(n, window, anchors):
+    q, k, v = _qkv(n, seed=n + window + anchors)
+    out = windowed_extended_attention(q, k, v, window, anchors)
+    torch.testing.assert_close(out, _naive_windowed(q, k, v, window, anchors), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(out, extended_attention(q, k, v))
+
+
+def test_key_sets_are_the_window_plus_anchors_and_cost_linear_in_keyframes():
+    assert anchor_positions(8, 1) == [4] and anchor_positions(8, 2) == [2, 6] and anchor_positions(3, 9) == [0, 1, 2]
+    groups = dict((tuple(q), k) for q, k in keyframe_key_sets(8, 1, anchors=1))
+    assert groups[(0,)] == [0, 1, 4] and groups[(4,)] == [3, 4, 5] and groups[(7,)] == [4, 6, 7]
+    # queries sharing a key set share one attention call
+    assert keyframe_key_sets(5, 3) == [([0], [0, 1, 2, 3]), ([1, 2, 3], [0, 1, 2, 3, 4]), ([4], [1, 2, 3, 4])]
+    for n in (16, 64, 256):  # keys attended per keyframe stay at most 2K + 1 + anchors: O(n K) in all
+        total = sum(len(q) * len(k) for q, k in keyframe_key_sets(n, 2, anchors=2))
+        assert total <= n * (2 * 2 + 1 + 2)
+
+
+def test_auto_window_is_full_within_the_budget_and_a_window_beyond():
+    assert auto_keyframe_window(4, 4096, budget_tokens=16 * 4096) is None
+    assert auto_keyframe_window(16, 4096, budget_tokens=16 * 4096) is None
+    assert auto_keyframe_window(17, 4096, budget_tokens=16 * 4096) == 7  # 2*7 + 1 = 15 keyframes <= 16
+    assert auto_keyframe_window(125, 4096, budget_tokens=16 * 4096, anchors=3) == 6
+    assert auto_keyframe_window(500, 4096, budget_tokens=4096) == 1  # never below one neighbour on each side
+
+
+def test_windowed_keyframe_pass_in_the_unet(model):
+    g = torch.Generator().manual_seed(1)
+    n = 5
+    latents = torch.randn(3 * n, 4, 8, 12, generator=g)
+    text = torch.randn(3 * n, 77, model.text_encoder.config.hidden_size, generator=g)
+
+    def run(**options):
+        state = TokenFlowState(mode="keyframe", **options)
+        with tokenflow_attention(model.unet, state):
+            return model.unet(latents, 501, encoder_hidden_states=text).sample
+
+    full = run()
+    assert torch.equal(run(keyframe_window=n - 1, anchors=2), full)
+    windowed = run(keyframe_window=1)
+    assert not torch.allclose(windowed, full, atol=1e-4)
+    # the source branch never shares attention, so it is untouched by the window
+    assert torch.equal(windowed[:n], full[:n])
+
+
+def test_editing_with_a_covering_window_is_exactly_the_full_edit(model, source, state_options):
+    full = TokenFlowEditor(model).edit(source, _config(), progress=False)
+    state_options(keyframe_window=2, anchors=1)  # 6 frames / batch 2: 3 keyframes, a window of 2 covers them
+    assert torch.equal(TokenFlowEditor(model).edit(source, _config(), progress=False).latents, full.latents)
+    state_options(keyframe_window=0)
+    assert not torch.equal(TokenFlowEditor(model).edit(source, _config(), progress=False).latents, full.latents)
+
+
+# -- keyframe token cache in host memory ------------------------------------------------------------------------
+
+
+def test_offloaded_keyframe_cache_gives_identical_edits_and_moves_only_the_needed_keyframes(
+    model, source, state_options, monkeypatch
+):
+    config = _config(batch_size=2, keyframes=[[0, 2, 5]] * 3)
+    on_device = TokenFlowEditor(model).edit(source, config, progress=False)
+    selected, stored = [], []
+    original_select, original_to_host = KeyframeTokens.select, KeyframeTokens.to_host
+
+    def select(self, positions, device):
+        selected.append(list(positions))
+        return original_select(self, positions, device)
+
+    def to_host(self):
+        out = original_to_host(self)
+        stored.append(out.source_inputs.untyped_storage().data_ptr() != self.source_inputs.untyped_storage().data_ptr())
+        return out
+
+    monkeypatch.setattr(KeyframeTokens, "select", select)
+    monkeypatch.setattr(KeyframeTokens, "to_host", to_host)
+    state_options(offload_cache=True)
+    offloaded = TokenFlowEditor(model).edit(source, config, progress=False)
+    assert torch.equal(offloaded.latents, on_device.latents)
+    assert stored and all(stored)  # a copy of its own, not a view keeping the keyframe pass's tensors alive
+    # propagated frames 1, 3, 4 in batches of 2: [1, 3] needs keyframes 0, 1, 2 (positions), [4] only 1 and 2
+    assert {tuple(p) for p in selected} == {(0, 1, 2), (1, 2)}
+
+
+def test_offloaded_propagation_matches_on_device_propagation_with_real_neighbours(model):
+    g = torch.Generator().manual_seed(2)
+    latents = torch.randn(12, 4, 8, 8, generator=g)
+    text = torch.randn(12, 77, model.text_encoder.config.hidden_size, generator=g)
+    outs = []
+    for offload in (False, True):
+        state = TokenFlowState(offload_cache=offload, keyframe_window=1)
+        with tokenflow_attention(model.unet, state):
+            state.mode, state.store = "keyframe", True
+            model.unet(latents, 301, encoder_hidden_states=text)
+            assert all(t.outputs.device.type == "cpu" for t in state.cache.values())
+            state.mode, state.store = "propagate", False
+            state.prev_index, state.next_index = torch.tensor([0, 1, 3, 2]), torch.tensor([1, 2, 3, 3])
+            state.next_weight = torch.tensor([0.25, 0.5, 1.0, 0.75])
+            outs.append(model.unet(latents, 301, encoder_hidden_states=text).sample)
+    assert torch.equal(outs[0], outs[1])
+
+
+# -- source latents on disk ------------------------------------------------------------------------------------
+
+
+def test_lazy_source_latents_equal_the_in_memory_ones_and_edit_identically(
+    model, frames, source, tmp_path, monkeypatch
+):
+    lazy = invert_frames(model, frames, steps=3, inversion_steps=6, reconstruct=False, progress=False,
+                         cache=InversionCache(tmp_path))
+    assert lazy.lazy and not source.lazy
+    assert all(isinstance(v, LazyLatents) for v in lazy.noisy.values())
+    assert sorted(lazy.noisy) == sorted(source.noisy) and lazy.noisiest == source.noisiest
+    assert torch.equal(lazy.clean, source.clean)
+    for t in source.noisy:
+        assert torch.equal(lazy.noisy[t][[4, 0, 1, 5]], source.noisy[t][[4, 0, 1, 5]])
+        assert torch.equal(lazy.noisy[t].load(), source.noisy[t])
+    reads = []
+    original = LazyLatents._read
+    monkeypatch.setattr(LazyLatents, "_read", lambda self, runs: reads.append(runs) or original(self, runs))
+    config = _config(keyframes=[[1, 4]] * 3)
+    assert torch.equal(
+        TokenFlowEditor(model).edit(lazy, config, progress=False).latents,
+        TokenFlowEditor(model).edit(source, config, progress=False).latents,
+    )
+    # the editor read the noisiest latents whole once (start latent), then only the frames of each UNet call
+    whole = [r for r in reads if r == [(0, 6)]]
+    assert len(whole) == 1 and all(sum(z - a for a, z in r) <= 2 for r in reads if r != [(0, 6)])
+
+
+def test_lazy_latents_index_like_a_tensor(tmp_path):
+    data = torch.randn(7, 2, 3, 4)
+    path = write_safetensors(tmp_path / "x.safetensors", {"x": data, "y": data[:3]}, metadata={"a": "b"})
+    lazy = LazyLatents(path, "x", data.shape, torch.float32)
+    assert len(lazy) == 7 and lazy.shape == data.shape and lazy.ndim == 4
+    for index in (3, -1, slice(2, 5), slice(None, None, 2), slice(-3, None), [6, 0, 1, 2, 2], torch.tensor([5, 1]),
+                  torch.tensor(4), torch.tensor([True, False] * 3 + [True]), (slice(1, 3), 0, slice(None), 2),
+                  (2, 1), range(1, 4)):
+        assert torch.equal(lazy[index], data[index]), index
+    assert torch.equal(lazy - 1.5 * data, data - 1.5 * data)
+    assert torch.equal(2 * lazy + data, 2 * data + data)
+    assert torch.equal(torch.cat([lazy, data]), torch.cat([data, data]))
+    assert torch.equal(lazy.contiguous(), data) and torch.equal(lazy.to(torch.float64), data.double())
+    assert torch.equal(lazy[2:2], data[2:2])
+    with pytest.raises(IndexError):
+        lazy[[7]]
+    read = lazy[[1, 2]]
+    os.unlink(path)  # what was read stays valid; later reads say what happened
+    assert torch.equal(read, data[[1, 2]])
+    with pytest.raises(FileNotFoundError, match="removed while in use"):
+        lazy[0]
+
+
+def test_streamed_safetensors_files_are_ordinary_ones_and_resume_only_on_the_same_layout(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = {"a": torch.randn(5, 3), "b": torch.arange(4, dtype=torch.float16), "c": torch.tensor(2.5)}
+    path = write_safetensors(tmp_path / "t.safetensors", tensors, metadata={"k": "v"}, chunk_bytes=12)
+    loaded = load_file(str(path))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"k": "v"}
+    layout = {"a": ((5, 3), torch.float32)}
+    writer = SafetensorsWriter(tmp_path / "p", layout, {"m": "1"}, reserve=64).create()
+    writer.write("a", 3, torch.ones(2, 3))
+    writer.set_metadata({"m": "2" * 40})
+    writer.close()
+    assert SafetensorsWriter(tmp_path / "p", layout, reserve=64).matches()
+    assert not SafetensorsWriter(tmp_path / "p", {"a": ((6, 3), torch.float32)}, reserve=64).matches()
+    got = load_file(str(tmp_path / "p"))["a"]
+    assert torch.equal(got[3:], torch.ones(2, 3)) and torch.equal(got[:3], torch.zeros(3, 3))
+
+
+def test_save_latents_file_loads_lazily(source, tmp_path):
+    tensors = {"clean": source.clean, **{f"source_t{t}": v for t, v in source.noisy.items()}}
+    path = write_safetensors(tmp_path / "latents.safetensors", tensors)
+    lazy = SourceLatents.from_file(path, lazy=True)
+    eager = SourceLatents.from_file(path)
+    assert lazy.lazy and not eager.lazy
+    assert all(torch.equal(lazy.noisy[t][:], eager.noisy[t]) for t in eager.noisy)
+
+
+# -- resumable inversion ---------------------------------------------------------------------------------------
+
+
+class _Interrupt(RuntimeError):
+    pass
+
+
+def _count_unet_calls(model, limit=None):
+    """A pre-hook counting UNet calls; raises on call ``limit + 1``."""
+    calls = [0]
+
+    def hook(module, args):
+        calls[0] += 1
+        if limit is not None and calls[0] > limit:
+            raise _Interrupt(f"simulated interruption at UNet call {calls[0]}")
+
+    return calls, model.unet.register_forward_pre_hook(hook)
+
+
+def test_an_interrupted_inversion_resumes_where_it_stopped_and_ends_bit_identical(model, frames, tmp_path):
+    kwargs = dict(steps=3, inversion_steps=6, batch_size=2, progress=False)
+    grid, save = inversion_grid(model, 3, 6)
+    g, s, batches = len(grid), len(save), 3  # 6 frames in batches of 2; reconstruction walks the saved timesteps
+
+    calls, handle = _count_unet_calls(model)
+    try:
+        reference = invert_frames(model, frames, cache=InversionCache(tmp_path / "once"), **kwargs)
+    finally:
+        handle.remove()
+    assert calls[0] == batches * g + batches * s
+
+    cache = InversionCache(tmp_path / "interrupted")
+    key = InversionCache.key(frames, model, "", grid, save)
+    # 1st run: killed in the middle of the second batch's inversion
+    calls, handle = _count_unet_calls(model, limit=g + 3)
+    try:
+        with pytest.raises(_Interrupt):
+            invert_frames(model, frames, cache=cache, **kwargs)
+    finally:
+        handle.remove()
+    assert cache.partial_path(key).exists() and not cache.path(key).exists()
+    assert json.loads(cache.progress_path(key).read_text())["inverted"] == [[0, 2]]
+    # 2nd run: redoes the second batch, inverts the third, killed in the second batch's reconstruction
+    calls, handle = _count_unet_calls(model, limit=2 * g + s + 1)
+    try:
+        with pytest.raises(_Interrupt):
+            invert_frames(model, frames, cache=cache, **kwargs)
+    finally:
+        handle.remove()
+    assert calls[0] == 2 * g + s + 2
+    # 3rd run: only the two reconstruction batches left
+    calls, handle = _count_unet_calls(model)
+    try:
+        resumed = invert_frames(model, frames, cache=cache, **kwargs)
+    finally:
+        handle.remove()
+    assert calls[0] == 2 * s
+    assert torch.equal(resumed.clean, reference.clean)
+    assert all(torch.equal(resumed.noisy[t].load(), reference.noisy[t].load()) for t in reference.noisy)
+    assert resumed.reconstruction_psnr == reference.reconstruction_psnr
+    assert sorted(p.name for p in (tmp_path / "interrupted").iterdir()) == [f"{key}.safetensors"]
+    # and the uncached, in-memory path computes the very same numbers
+    in_memory = invert_frames(model, frames, **kwargs)
+    assert all(torch.equal(in_memory.noisy[t], reference.noisy[t].load()) for t in reference.noisy)
+    assert in_memory.reconstruction_psnr == reference.reconstruction_psnr
+
+
+def test_a_partial_file_that_does_not_match_is_started_over(model, frames, tmp_path):
+    cache = InversionCache(tmp_path)
+    grid, save = inversion_grid(model, 3, 6)
+    key = InversionCache.key(frames[:2], model, "", grid, save)
+    cache.root.mkdir(parents=True, exist_ok=True)
+    cache.partial_path(key).write_bytes(b"not a safetensors file")
+    cache.progress_path(key).write_text(json.dumps({"inverted": [[0, 2]], "reconstructed": []}))
+    calls, handle = _count_unet_calls(model)
+    try:
+        src = invert_frames(model, frames[:2], steps=3, inversion_steps=6, batch_size=2, reconstruct=False,
+                            progress=False, cache=cache)
+    finally:
+        handle.remove()
+    assert calls[0] == len(grid) and src.lazy
+
+
+# -- host memory on a long clip ----------------------------------------------------------------------------------
+
+MEMORY_SIZE, MEMORY_STEPS, MEMORY_KEYFRAMES, MEMORY_FRAMES = 128, 14, 8, 48
+
+
+def _memory_worker(model_dir: str, num_frames: int, size: int, steps: int, keyframes: int) -> dict:
+    """Invert (through a cache, so streamed and lazy) and edit 2 steps; peak RSS growth of each phase over the
+    RSS before the inversion."""
+    import tempfile
+
+    from tokenflow.memory import PeakMemory
+
+    torch.set_num_threads(1)
+    model = load_model(model_dir, device="cpu", dtype="float32")
+    clip = torch.from_numpy(pan_frames(num_frames=num_frames, width=size, height=size, shift=1))
+    editor_module.TokenFlowState = functools.partial(TokenFlowState, keyframe_window=2, anchors=1, offload_cache=True)
+
+    def config(n: int) -> EditConfig:
+        chosen = [round((i + 0.5) * n / keyframes) for i in range(keyframes)]
+        return EditConfig(prompt="a robot", steps=steps, batch_size=8, mode="sdedit", strength=2 / steps,
+                          keyframes=[chosen] * 2)
+
+    def invert(frames: torch.Tensor, cache_dir: str) -> SourceLatents:
+        return invert_frames(model, frames, steps=steps, inversion_steps=steps, batch_size=8, reconstruct=False,
+                             progress=False, cache=InversionCache(cache_dir))
+
+    def edit(src: SourceLatents):
+        return TokenFlowEditor(model).edit(src, config(src.clean.shape[0]), progress=False)
+
+    with tempfile.TemporaryDirectory() as warm, tempfile.TemporaryDirectory() as cache_dir:
+        edit(invert(clip[:16], warm))  # the same code paths once, so one-time allocations are in the baseline
+        with PeakMemory() as inversion:
+            src = invert(clip, cache_dir)
+        with PeakMemory() as editing:  # what the inversion left behind counts: growth from the same baseline
+            out = edit(src)
+    return dict(
+        frames=num_frames,
+        inversion=inversion.growth,
+        edit=max(0, editing.peak - inversion.baseline),
+        exact=inversion.exact and editing.exact,
+        latent_bytes=out.latents[0].numel() * out.latents.element_size(),
+    )
+
+
+def test_host_memory_beyond_the_per_frame_latents_does_not_grow_with_the_video(tiny_model_dir):
+    """Invert + 2 edit steps of N and 4N frames (48 and 192, 128x128, 15 saved timesteps), each in a fresh process;
+    the peak RSS of the inversion and of the edit, over the RSS before the inversion (so what it keeps counts).
+
+    Unavoidable, growing with the number of frames N, ``l`` bytes per frame each (a 4x16x16 float32 latent):
+    the full-length latent arrays the editor holds at its peak, at most ``A = 6``: the clean latents, the start
+    noise it derives from the noisiest source latents (kept), the edited latents x, the next step's x, and two
+    full-length temporaries while the start latent is formed. The input frames exist before the measurement.
+    Must not grow with N (and would in an in-memory design): the source latents at every saved timestep (``T = 15``
+    arrays, twice while the in-memory inversion concatenates them), decoded frames, anything per frame and per
+    step. What grows with the number of *keyframes* is the method's own cost, O(N / batch_size): the keyframe pass
+    is one UNet call over all keyframes and propagation needs all their stored tokens; both clips are edited with
+    the same 8 keyframes to hold it equal.
+
+    So, per phase: ``peak(4N) - peak(N) <= 3N * A * l + 2 MB`` (allocator noise measured within +-0.5 MB; the
+    edit grew 2.5-3.9 MB here, 6 * 3N * l = 3.5 MB). Keeping the source latents in memory adds at least
+    ``3N * T * l`` = 8.8 MB on top (that design grew by 10.8 MB here), which the bound excludes.
+    """
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's resettable peak RSS")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+    args = [str(tiny_model_dir), str(MEMORY_SIZE), str(MEMORY_STEPS), str(MEMORY_KEYFRAMES)]
+    procs = [
+        subprocess.Popen([sys.executable, __file__, args[0], str(n), *args[1:]], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for n in (MEMORY_FRAMES, 4 * MEMORY_FRAMES)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    small, large = results
+    assert small["exact"] and large["exact"]
+    extra_frames = large["frames"] - small["frames"]
+    latent = small["latent_bytes"]  # 4 x 16 x 16 float32 = 4 KiB
+    saved_timesteps = MEMORY_STEPS + 1
+    bound = extra_frames * 6 * latent + 2e6
+    assert bound < extra_frames * saved_timesteps * latent  # what keeping the source latents in memory adds
+    for phase in ("inversion", "edit"):
+        grown = large[phase] - small[phase]
+        assert grown <= bound, (phase, small, large, grown, bound)
+
+
+if __name__ == "__main__":
+    model_dir, *numbers = sys.argv[1:]
+    print(json.dumps(_memory_worker(model_dir, *(int(x) for x in numbers))))
