@@ -147,8 +147,8 @@ def run_worker(spec_path: Path) -> None:
     # Untimed warm-up on one frame (allocator, kernels, lazy inits) so that one-time costs do not land in a stage.
     with torch.no_grad():
         lat = model.encode_frames(torch.from_numpy(frames[:1]), 1)
-        text = model.encode_text([""])
-        model.unet(lat.to(device, model.dtype), 1, encoder_hidden_states=text).sample
+        h, w = frames.shape[1:3]
+        model.predict(lat, 1, model.condition([""], height=h, width=w))
         model.decode_latents(lat)
     _sync(torch, device)
     result["rss_after_load_mb"] = _peak_rss_mb()
@@ -185,7 +185,7 @@ def run_worker(spec_path: Path) -> None:
 
         with torch.no_grad():
             vae = torch.cat([model.decode_latents(source.clean[i : i + bs]) for i in range(0, len(source.clean), bs)])
-            cond = model.encode_text([spec["inversion_prompt"]])
+            cond = model.condition([spec["inversion_prompt"]], height=frames.shape[1], width=frames.shape[2])
             recon = ddim_reconstruct(model, source.noisy, cond, bs)
             recon = torch.cat([model.decode_latents(recon[i : i + bs]) for i in range(0, len(recon), bs)])
         extras = dict(vae=vae.numpy(), recon=recon.numpy())
