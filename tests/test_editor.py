@@ -179,3 +179,24 @@ def test_fixed_and_explicit_schedules(tmp_path):
     path.write_text("not json")
     with pytest.raises(InputError, match="not valid JSON"):
         ExplicitKeyframes.from_file(path)
+
+
+def test_keyframe_window_covering_all_keyframes_equals_full_attention_and_a_small_one_differs(model, source):
+    editor = TokenFlowEditor(model)
+    full = editor.edit(source, _config(batch_size=1, keyframe_window="full"), progress=False)  # 6 keyframes
+    covering = editor.edit(source, _config(batch_size=1, keyframe_window=5, anchors=0), progress=False)
+    narrow = editor.edit(source, _config(batch_size=1, keyframe_window=1, anchors=0), progress=False)
+    torch.testing.assert_close(covering.latents, full.latents, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(narrow.latents, full.latents, atol=1e-4)
+    # "auto" keeps full joint attention while it fits
+    assert _config(batch_size=1).resolve_keyframe_window(6, 8 * 12) is None
+    assert _config(batch_size=8).resolve_keyframe_window(10_000, 64 * 64) >= 1
+    with pytest.raises(InputError, match="--keyframe-window"):
+        _config(keyframe_window="wide").check_inputs()
+
+
+def test_offloaded_keyframe_cache_gives_identical_edits(model, source):
+    editor = TokenFlowEditor(model)
+    on = editor.edit(source, _config(offload_cache=True), progress=False)
+    off = editor.edit(source, _config(offload_cache=False), progress=False)
+    assert torch.equal(on.latents, off.latents)

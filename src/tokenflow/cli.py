@@ -75,6 +75,8 @@ def edit(
     depth_model: Optional[str] = typer.Option(None, help="transformers depth estimator for --control depth."),
     controlnet_scale: float = typer.Option(1.0, help="ControlNet conditioning scale."),
     lora: list[str] = typer.Option([], help="LoRA weights PATH_OR_ID[:SCALE]; repeatable."),
+    keyframe_window: str = typer.Option("auto", help="Keyframe joint attention: auto, full, or K neighbours each side."),
+    anchors: int = typer.Option(1, help="Global anchor keyframes every keyframe attends to when windowed."),
     config: Optional[Path] = typer.Option(None, help="YAML or TOML file with any of these options."),
 ):
     """Edit VIDEO so it follows --prompt, consistently across frames."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .attention import NUM_BRANCHES, LayerSelection, TokenFlowState, tokenflow_attention
+from .attention import NUM_BRANCHES, LayerSelection, TokenFlowState, auto_keyframe_window, tokenflow_attention
 from .correspondence import linear_neighbors, reference_neighbors
 from .errors import InputError
 from .inversion import InversionCache, SourceLatents, invert_frames
@@ -54,6 +54,9 @@ class EditConfig:
     strength: float | None = None  # None: 1.0 (pnp, controlnet), 0.9 (sdedit)
     pnp: bool | None = None  # None: on for pnp, off for sdedit and controlnet
     controlnet_scale: float = 1.0
+    keyframe_window: int | str | None = "auto"  # "auto": full joint attention while it fits, a window beyond
+    anchors: int = 1  # global anchor keyframes every keyframe also attends to when windowed
+    offload_cache: bool | None = None  # keyframe tokens in host memory; None: on for CUDA/MPS
     layers: LayerSelection = field(default_factory=LayerSelection)
 
     @property
@@ -87,6 +90,20 @@ class EditConfig:
             raise InputError(f"--mode {self.mode!r}: unknown; use pnp, sdedit or controlnet")
         if self.strength is not None and not 0.0 <= self.strength <= 1.0:
             raise InputError(f"--strength {self.strength}: must be between 0 and 1")
+        window = self.keyframe_window
+        if not (window in (None, "auto", "full") or (isinstance(window, int) and window >= 0)):
+            raise InputError(f"--keyframe-window {window!r}: use auto, full or a number of keyframes (>= 0)")
+        if self.anchors < 0:
+            raise InputError(f"--anchors {self.anchors}: must be 0 or more")
+
+    def resolve_keyframe_window(self, num_frames: int, tokens_per_frame: int) -> int | None:
+        """The window the keyframe pass uses: ``None`` is full joint attention (the paper's)."""
+        if self.keyframe_window in (None, "full"):
+            return None
+        if self.keyframe_window == "auto":
+            keyframes = -(-num_frames // self.batch_size)
+            return auto_keyframe_window(keyframes, tokens_per_frame, anchors=self.anchors)
+        return int(self.keyframe_window)
 
 
 @dataclass
@@ -198,7 +215,11 @@ class TokenFlowEditor:
         schedule = make_schedule(config.keyframes, config.batch_size, config.seed)
         if generator is not None and isinstance(schedule, RandomKeyframes):
             schedule.generator = generator
-        state = TokenFlowState()
+        window = config.resolve_keyframe_window(n_frames, source.clean.shape[2] * source.clean.shape[3])
+        offload = config.offload_cache if config.offload_cache is not None else model.device.type != "cpu"
+        if window is not None and config.propagation != "none":
+            logger.info("keyframe attention window: %d keyframes each side, %d anchors", window, config.anchors)
+        state = TokenFlowState(keyframe_window=window, anchors=config.anchors, offload_cache=offload)
         run = _StepRunner(model, scheduler, texts, config.guidance_scale, state)
         if controlnet is not None:
             run.controlnet, run.control, run.control_scale = controlnet, control, config.controlnet_scale

@@ -76,10 +76,16 @@ class RunOptions:
     depth_model: str | None = None
     controlnet_scale: float = 1.0
     lora: list[str] = field(default_factory=list)
+    keyframe_window: str = "auto"
+    anchors: int = 1
 
     def edit_config(self) -> EditConfig:
         """The editing loop's options: every :class:`EditConfig` field this run sets (same names)."""
-        return EditConfig(**{f.name: getattr(self, f.name) for f in fields(EditConfig) if hasattr(self, f.name)})
+        values = {f.name: getattr(self, f.name) for f in fields(EditConfig) if hasattr(self, f.name)}
+        window = values.get("keyframe_window")
+        if isinstance(window, str) and window.isdigit():
+            values["keyframe_window"] = int(window)
+        return EditConfig(**values)
 
     def check_inputs(self, editing: bool = True) -> None:
         """Cheap checks that run before any heavy work; each raises one :class:`InputError` line."""
