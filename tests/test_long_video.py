@@ -6,6 +6,7 @@ the host-memory test: one invert + edit in a fresh process, printing its peak me
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -63,14 +64,17 @@ def _config(**kw) -> EditConfig:
     return EditConfig(**base)
 
 
-@pytest.fixture
-def state_options(monkeypatch):
-    """Set the editor's TokenFlowState options (until EditConfig carries them)."""
+_LONG_OPTIONS = ("keyframe_window", "anchors", "offload_cache")
 
-    def apply(**options):
-        monkeypatch.setattr(editor_module, "TokenFlowState", functools.partial(TokenFlowState, **options))
 
-    return apply
+def _long_config(monkeypatch, keyframe_window=None, anchors=0, offload_cache=False, **kw) -> EditConfig:
+    """An EditConfig with the long-video options: its own fields where it has them, else set on the editor's
+    TokenFlowState (``keyframe_window=None``: full attention)."""
+    options = dict(keyframe_window=keyframe_window, anchors=anchors, offload_cache=offload_cache)
+    if set(_LONG_OPTIONS) <= {f.name for f in dataclasses.fields(EditConfig)}:
+        return _config(**options, **kw)
+    monkeypatch.setattr(editor_module, "TokenFlowState", functools.partial(TokenFlowState, **options))
+    return _config(**kw)
 
 
 # -- windowed extended attention ------------------------------------------------------------------------------
@@ -149,22 +153,21 @@ def test_windowed_keyframe_pass_in_the_unet(model):
     assert torch.equal(windowed[:n], full[:n])
 
 
-def test_editing_with_a_covering_window_is_exactly_the_full_edit(model, source, state_options):
-    full = TokenFlowEditor(model).edit(source, _config(), progress=False)
-    state_options(keyframe_window=2, anchors=1)  # 6 frames / batch 2: 3 keyframes, a window of 2 covers them
-    assert torch.equal(TokenFlowEditor(model).edit(source, _config(), progress=False).latents, full.latents)
-    state_options(keyframe_window=0)
-    assert not torch.equal(TokenFlowEditor(model).edit(source, _config(), progress=False).latents, full.latents)
+def test_editing_with_a_covering_window_is_exactly_the_full_edit(model, source, monkeypatch):
+    full = TokenFlowEditor(model).edit(source, _long_config(monkeypatch), progress=False)
+    # 6 frames / batch 2: 3 keyframes, which a window of 2 covers
+    covering = _long_config(monkeypatch, keyframe_window=2, anchors=1)
+    assert torch.equal(TokenFlowEditor(model).edit(source, covering, progress=False).latents, full.latents)
+    narrow = _long_config(monkeypatch, keyframe_window=0)
+    assert not torch.equal(TokenFlowEditor(model).edit(source, narrow, progress=False).latents, full.latents)
 
 
 # -- keyframe token cache in host memory ------------------------------------------------------------------------
 
 
-def test_offloaded_keyframe_cache_gives_identical_edits_and_moves_only_the_needed_keyframes(
-    model, source, state_options, monkeypatch
-):
-    config = _config(batch_size=2, keyframes=[[0, 2, 5]] * 3)
-    on_device = TokenFlowEditor(model).edit(source, config, progress=False)
+def test_offloaded_keyframe_cache_gives_identical_edits_and_moves_only_the_needed_keyframes(model, source, monkeypatch):
+    kw = dict(batch_size=2, keyframes=[[0, 2, 5]] * 3)
+    on_device = TokenFlowEditor(model).edit(source, _long_config(monkeypatch, **kw), progress=False)
     selected, stored = [], []
     original_select, original_to_host = KeyframeTokens.select, KeyframeTokens.to_host
 
@@ -179,8 +182,7 @@ def test_offloaded_keyframe_cache_gives_identical_edits_and_moves_only_the_neede
 
     monkeypatch.setattr(KeyframeTokens, "select", select)
     monkeypatch.setattr(KeyframeTokens, "to_host", to_host)
-    state_options(offload_cache=True)
-    offloaded = TokenFlowEditor(model).edit(source, config, progress=False)
+    offloaded = TokenFlowEditor(model).edit(source, _long_config(monkeypatch, offload_cache=True, **kw), progress=False)
     assert torch.equal(offloaded.latents, on_device.latents)
     assert stored and all(stored)  # a copy of its own, not a view keeping the keyframe pass's tensors alive
     # propagated frames 1, 3, 4 in batches of 2: [1, 3] needs keyframes 0, 1, 2 (positions), [4] only 1 and 2
@@ -384,12 +386,12 @@ def _memory_worker(model_dir: str, num_frames: int, size: int, steps: int, keyfr
     torch.set_num_threads(1)
     model = load_model(model_dir, device="cpu", dtype="float32")
     clip = torch.from_numpy(pan_frames(num_frames=num_frames, width=size, height=size, shift=1))
-    editor_module.TokenFlowState = functools.partial(TokenFlowState, keyframe_window=2, anchors=1, offload_cache=True)
+    patch = pytest.MonkeyPatch()
 
     def config(n: int) -> EditConfig:
         chosen = [round((i + 0.5) * n / keyframes) for i in range(keyframes)]
-        return EditConfig(prompt="a robot", steps=steps, batch_size=8, mode="sdedit", strength=2 / steps,
-                          keyframes=[chosen] * 2)
+        return _long_config(patch, keyframe_window=2, anchors=1, offload_cache=True, steps=steps, batch_size=8,
+                            mode="sdedit", strength=2 / steps, keyframes=[chosen] * 2)
 
     def invert(frames: torch.Tensor, cache_dir: str) -> SourceLatents:
         return invert_frames(model, frames, steps=steps, inversion_steps=steps, batch_size=8, reconstruct=False,

@@ -50,12 +50,11 @@ class KeyframeTokens:
     outputs: torch.Tensor  # [3, K, L, C] attention outputs of all branches (after to_out)
 
     def to_host(self) -> "KeyframeTokens":
-        """A copy in host memory (page-locked when coming from CUDA, so the copies back can overlap compute)."""
+        """A copy in host memory of its own (page-locked when coming from CUDA: faster copies both ways)."""
 
         def host(x: torch.Tensor) -> torch.Tensor:
-            pinned = x.is_cuda
-            out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=pinned)
-            return out.copy_(x, non_blocking=pinned)  # stream-ordered before any later copy back to the device
+            out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
+            return out.copy_(x)  # blocking: the host side reads it (index_select) before the GPU is synchronised
 
         return KeyframeTokens(source_inputs=host(self.source_inputs), outputs=host(self.outputs))
 
