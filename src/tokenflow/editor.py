@@ -205,6 +205,7 @@ class TokenFlowEditor:
         top = source.noisiest
         eps = (source.noisy[top] - alphas[top] ** 0.5 * source.clean) / (1 - alphas[top]) ** 0.5
         x = scheduler.add_noise(source.clean, eps, torch.tensor([timesteps[0]]))
+        del eps  # one full-length array less for the rest of the edit
 
         factor = model.vae_scale_factor
         texts = model.condition(

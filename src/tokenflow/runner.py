@@ -305,11 +305,12 @@ def _write_outputs(staging: Path, editor, result: EditOutput, frames: np.ndarray
 
 
 def _save_latents(path: Path, result: EditOutput, source: SourceLatents) -> None:
-    from safetensors.torch import save_file
+    from .inversion import write_safetensors
 
-    tensors = {"final": result.latents.contiguous(), "clean": source.clean.contiguous()}
-    tensors.update({f"source_t{t}": v.contiguous() for t, v in source.noisy.items()})
-    save_file(tensors, str(path))
+    # streamed: lazy source latents go from the inversion cache to this file a chunk at a time
+    tensors = {"final": result.latents, "clean": source.clean}
+    tensors.update({f"source_t{t}": v for t, v in sorted(source.noisy.items())})
+    write_safetensors(path, tensors)
 
 
 def _run_report(options, editor, info, frames, fps, source, cache_hit, result: EditOutput, timings) -> dict:
