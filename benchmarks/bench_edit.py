@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import MID_KWARGS, QUIET_ENV, peak_rss_mb
+
 HERE = Path(__file__).resolve().parent
 MICRO_DIR = HERE / "micro_model"
 MICRO_MODEL = MICRO_DIR / "model"
@@ -49,29 +51,8 @@ MICRO_SIZE = 64  # the micro model's native short side (96x64)
 MODES = ("tokenflow", "none")
 MODE_LABEL = {"tokenflow": "TokenFlow", "none": "per-frame PnP"}
 
-# "mid": SD's layout (4 UNet levels, cross-attention in 3, VAE factor 8) with 4x the tiny model's channels.
-MID_KWARGS = dict(
-    block_out_channels=(32, 64, 128, 128),
-    attention_head_dim=(4, 8, 8, 8),
-    cross_attention_dim=64,
-    vae_channels=(16, 32, 64, 64),
-)
-
-QUIET_ENV = dict(
-    HF_HUB_OFFLINE="1",
-    TRANSFORMERS_VERBOSITY="error",
-    DIFFUSERS_VERBOSITY="error",
-    TOKENIZERS_PARALLELISM="false",
-    PYTHONWARNINGS="ignore",
-)
-
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def gt_warp_error(frames, shift: int, border: int) -> float:
@@ -151,7 +132,7 @@ def run_worker(spec_path: Path) -> None:
         model.predict(lat, 1, model.condition([""], height=h, width=w))
         model.decode_latents(lat)
     _sync(torch, device)
-    result["rss_after_load_mb"] = _peak_rss_mb()
+    result["rss_after_load_mb"] = peak_rss_mb()
     result["vm_hwm_after_load_mb"] = _vm_hwm_mb()
     if device.type == "cuda":
         result["cuda_after_load_mb"] = torch.cuda.memory_allocated(device) / 2**20
@@ -164,7 +145,7 @@ def run_worker(spec_path: Path) -> None:
         best = {k: min(v, best.get(k, v)) for k, v in stages.items()}
     result["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result.update(best)
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     result["vm_hwm_mb"] = _vm_hwm_mb()
     if device.type == "cuda":
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -688,7 +669,7 @@ def main(argv=None) -> None:
         report["micro_gt_ratio"] = dict(mean=sum(micro) / len(micro), min=min(micro), max=max(micro), clips=len(micro),
                                         reference="0.53-0.85, mean 0.71 (public reference code, 10 cases)")
     report["total_s"] = time.perf_counter() - t_all
-    report["launcher_peak_rss_mb"] = _peak_rss_mb()  # every run's ru_maxrss starts at least this high
+    report["launcher_peak_rss_mb"] = peak_rss_mb()  # every run's ru_maxrss starts at least this high
     # paths into the (temporary) workdir mean nothing in committed results
     for r in report["runs"]:
         for key in ("frames_path", "out_dir", "model_path"):

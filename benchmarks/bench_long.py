@@ -33,27 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import MID_KWARGS, QUIET_ENV, peak_rss_mb
+
 HERE = Path(__file__).resolve().parent
 MICRO_DIR = HERE / "micro_model"  # the micro *trained* model (see its README): it makes content decisions
-MID_KWARGS = dict(
-    block_out_channels=(32, 64, 128, 128),
-    attention_head_dim=(4, 8, 8, 8),
-    cross_attention_dim=64,
-    vae_channels=(16, 32, 64, 64),
-)
-QUIET_ENV = dict(
-    HF_HUB_OFFLINE="1",
-    TRANSFORMERS_VERBOSITY="error",
-    DIFFUSERS_VERBOSITY="error",
-    TOKENIZERS_PARALLELISM="false",
-    PYTHONWARNINGS="ignore",
-)
-
-
-def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
 
 def _status_mb(field: str) -> float | None:
     try:
@@ -161,7 +144,7 @@ def run_worker(spec_path: Path) -> None:
         edited = decode(out.latents)
         sync()
         result["decode_s"] = time.perf_counter() - started
-        result["peak_rss_mb"] = _peak_rss_mb()
+        result["peak_rss_mb"] = peak_rss_mb()
         result["vm_hwm_mb"] = _status_mb("VmHWM")
         if device.type == "cuda":
             result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -386,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs.append(result)
                 print(f"  {result['run_wall_s']:.0f} s, peak RSS {result['peak_rss_mb']:.0f} MB", file=sys.stderr)
     report = dict(machine=machine, runs=runs, wall_s=time.perf_counter() - started,
-                  launcher_peak_rss_mb=_peak_rss_mb())
+                  launcher_peak_rss_mb=peak_rss_mb())
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1, default=str))
     print(tables(report))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .correspondence import gather_tokens, nearest_neighbors
+from .correspondence import consecutive_runs, gather_tokens, nearest_neighbors
 
 __all__ = [
     "NUM_BRANCHES",
@@ -158,17 +158,6 @@ def keyframe_key_sets(num_keyframes: int, window: int | None, anchors: int = 0) 
     return [(queries, list(keys)) for keys, queries in groups.items()]
 
 
-def _runs(positions: list[int]) -> list[tuple[int, int]]:
-    """Ascending positions as maximal ``[start, stop)`` runs of consecutive values."""
-    runs: list[tuple[int, int]] = []
-    for p in positions:
-        if runs and runs[-1][1] == p:
-            runs[-1] = (runs[-1][0], p + 1)
-        else:
-            runs.append((p, p + 1))
-    return runs
-
-
 def windowed_extended_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, anchors: int = 0
 ) -> torch.Tensor:
@@ -193,7 +182,7 @@ def windowed_extended_attention(
     qf, kf, vf = frames_major(q), frames_major(k), frames_major(v)
 
     def tokens(x: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        parts = [x[:, :, a:z].reshape(b, h, (z - a) * length, d) for a, z in _runs(positions)]
+        parts = [x[:, :, a:z].reshape(b, h, (z - a) * length, d) for a, z in consecutive_runs(positions)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     out = torch.empty_like(qf)
@@ -201,7 +190,7 @@ def windowed_extended_attention(
         o = F.scaled_dot_product_attention(tokens(qf, queries), tokens(kf, keys), tokens(vf, keys))
         o = o.view(b, h, len(queries), length, d)
         done = 0
-        for a, z in _runs(queries):
+        for a, z in consecutive_runs(queries):
             out[:, :, a:z] = o[:, :, done : done + z - a]
             done += z - a
     return out.permute(0, 2, 1, 3, 4)

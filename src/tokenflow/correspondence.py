@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "consecutive_runs",
     "nearest_neighbors",
     "gather_tokens",
     "linear_neighbors",
@@ -82,3 +83,14 @@ def reference_neighbors(frames: list[int], batch_size: int) -> tuple[list[int], 
         nxt.append(i)
         weights.append(w1)
     return prev, nxt, weights
+
+
+def consecutive_runs(positions: list[int]) -> list[tuple[int, int]]:
+    """Positions, in the given order, as maximal ``[start, stop)`` runs of consecutive increasing values."""
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs

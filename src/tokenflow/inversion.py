@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .correspondence import consecutive_runs
 from .models import StableDiffusionModel, TextConditioning
 
 logger = logging.getLogger(__name__)
@@ -53,17 +54,6 @@ _DTYPES = {
     "U8": torch.uint8,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-def _runs(positions: list[int]) -> list[tuple[int, int]]:
-    """Positions, in the given order, as maximal ``[start, stop)`` runs of consecutive increasing values."""
-    runs: list[tuple[int, int]] = []
-    for p in positions:
-        if runs and runs[-1][1] == p:
-            runs[-1] = (runs[-1][0], p + 1)
-        else:
-            runs.append((p, p + 1))
-    return runs
 
 
 def _unwrap(x):
@@ -157,7 +147,7 @@ class LazyLatents:
             if not -n <= p < n:
                 raise IndexError(f"index {p} is out of bounds for {n} frames of {self.name!r}")
             positions[i] = p % n
-        out = self._read(_runs(positions))
+        out = self._read(consecutive_runs(positions))
         if squeeze:
             out = out[0]
         return out[(slice(None),) * (0 if squeeze else 1) + rest] if rest else out
@@ -593,7 +583,7 @@ def _uncovered(start: int, stop: int, done: list[list[int]]) -> list[tuple[int, 
         a, z = entry[0], entry[1]
         for i in range(max(a, start), min(z, stop)):
             covered[i - start] = True
-    return _runs([start + i for i, c in enumerate(covered) if not c])
+    return consecutive_runs([start + i for i, c in enumerate(covered) if not c])
 
 
 def _todo(n: int, batch_size: int, done: list[list[int]]) -> list[tuple[int, int]]:
