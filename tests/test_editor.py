@@ -200,3 +200,13 @@ def test_offloaded_keyframe_cache_gives_identical_edits(model, source):
     on = editor.edit(source, _config(offload_cache=True), progress=False)
     off = editor.edit(source, _config(offload_cache=False), progress=False)
     assert torch.equal(on.latents, off.latents)
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_cpu_offload_hooks_leave_the_edit_unchanged(tiny_model_dir, source, offload):
+    """accelerate's offload hooks and the TokenFlow processors/hooks coexist (on CPU the weights just stay put)."""
+    plain = TokenFlowEditor(load_model(tiny_model_dir, device="cpu")).edit(source, _config(), progress=False)
+    hooked_model = load_model(tiny_model_dir, device="cpu", offload=offload)
+    assert any(hasattr(m, "_hf_hook") for m in hooked_model.unet.modules())
+    hooked = TokenFlowEditor(hooked_model).edit(source, _config(), progress=False)
+    assert torch.equal(plain.latents, hooked.latents)

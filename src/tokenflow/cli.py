@@ -77,6 +77,7 @@ def edit(
     lora: list[str] = typer.Option([], help="LoRA weights PATH_OR_ID[:SCALE]; repeatable."),
     keyframe_window: str = typer.Option("auto", help="Keyframe joint attention: auto, full, or K neighbours each side."),
     anchors: int = typer.Option(1, help="Global anchor keyframes every keyframe attends to when windowed."),
+    offload: Optional[str] = typer.Option(None, help="CPU offload for small GPUs: model or sequential."),
     config: Optional[Path] = typer.Option(None, help="YAML or TOML file with any of these options."),
 ):
     """Edit VIDEO so it follows --prompt, consistently across frames."""
@@ -104,6 +105,7 @@ def invert(
     cache_dir: Optional[Path] = typer.Option(None, help="Inversion cache folder (default: the user cache dir)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, warnings only."),
     lora: list[str] = typer.Option([], help="LoRA weights PATH_OR_ID[:SCALE]; repeatable."),
+    offload: Optional[str] = typer.Option(None, help="CPU offload for small GPUs: model or sequential."),
     config: Optional[Path] = typer.Option(None, help="YAML or TOML file with any of these options."),
 ):
     """Precompute and cache the inversion of VIDEO, so later edits skip it."""

@@ -262,15 +262,20 @@ def load_model(
     local_files_only: bool | None = None,
     loras: list[tuple[str, float]] | None = None,
     controlnet: str | Path | None = None,
+    offload: str | None = None,
 ) -> StableDiffusionModel:
     """Load an SD 1.x/2.x checkpoint from a hub id, a local diffusers folder or a single ``.safetensors``/``.ckpt`` file.
 
     ``loras``: (hub id or path, scale) pairs applied on top (needs ``peft``). ``controlnet``: a ControlNet for the
-    ``controlnet`` mode (hub id, folder or single file), checked to fit the base model.
+    ``controlnet`` mode (hub id, folder or single file), checked to fit the base model. ``offload``: ``"model"``
+    (whole models move to ``device`` when used) or ``"sequential"`` (layer by layer; least memory, slowest), with
+    accelerate's CPU offload, for accelerators with little memory.
     Raises :class:`ModelLoadError` with a one-line message when something cannot be found, loaded or combined.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    if offload not in (None, "none", "model", "sequential"):
+        raise InputError(f"--offload {offload!r}: unknown; use model or sequential")
     model = str(model)
     path = Path(model).expanduser()
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.endswith(SINGLE_FILE_SUFFIXES)
@@ -294,12 +299,14 @@ def load_model(
         _apply_loras(pipe, loras)
     control_model = _load_controlnet(str(controlnet), pipe.unet, dtype) if controlnet is not None else None
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder, text_encoder_2, control_model):
-        if module is None:
-            continue
-        module.to(device)
+    modules = [m for m in (pipe.text_encoder, text_encoder_2, pipe.unet, control_model, pipe.vae) if m is not None]
+    for module in modules:
         module.eval()
         module.requires_grad_(False)
+        if offload in (None, "none"):
+            module.to(device)
+    if offload not in (None, "none"):
+        _offload(modules, offload, device)
     is_xl = pipe.unet.config.get("addition_embed_type") == "text_time"
     if is_xl and dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in float16 (diffusers' own pipelines upcast it too)
@@ -319,6 +326,19 @@ def load_model(
         device=device,
         dtype=dtype,
     )
+
+
+def _offload(modules: list[torch.nn.Module], mode: str, device: torch.device) -> None:
+    """accelerate's CPU offload: weights stay in host memory and visit ``device`` when (part of) a model runs."""
+    from accelerate import cpu_offload, cpu_offload_with_hook
+
+    hook = None
+    for module in modules:
+        if mode == "sequential":
+            cpu_offload(module, execution_device=device)
+        else:  # each model moves to the device when called and offloads the one before it in the chain
+            _, hook = cpu_offload_with_hook(module, device, prev_module_hook=hook)
+    logger.info("%s CPU offload onto %s", mode, device)
 
 
 def parse_lora(spec: str) -> tuple[str, float]:

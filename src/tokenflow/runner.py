@@ -78,6 +78,7 @@ class RunOptions:
     lora: list[str] = field(default_factory=list)
     keyframe_window: str = "auto"
     anchors: int = 1
+    offload: str | None = None
 
     def edit_config(self) -> EditConfig:
         """The editing loop's options: every :class:`EditConfig` field this run sets (same names)."""
@@ -101,6 +102,8 @@ class RunOptions:
             raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
         device = resolve_device(self.device)
         resolve_dtype(self.dtype, device)
+        if self.offload not in (None, "none", "model", "sequential"):
+            raise InputError(f"--offload {self.offload!r}: unknown; use model or sequential")
         if editing and self.mode == "controlnet":
             from .control import check_control_fits
 
@@ -163,6 +166,7 @@ def _prepare(options: RunOptions, editor: TokenFlowEditor | None, with_controlne
             dtype=options.dtype,
             loras=[parse_lora(spec) for spec in options.lora],
             controlnet=options.controlnet if with_controlnet else None,
+            offload=options.offload,
         )
     timings["load_model"] = time.perf_counter() - started
     model = editor.model
