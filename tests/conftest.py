@@ -32,3 +32,19 @@ def pan_clip(tmp_path_factory) -> Path:
     make_pan_clip(path, num_frames=PAN_FRAMES, width=PAN_WIDTH, height=PAN_HEIGHT, shift=PAN_SHIFT, fps=PAN_FPS,
                   audio=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    """The tiny model loaded once on the CPU in float32 (tests restore any processors they install)."""
+    from tokenflow.models import load_model
+
+    return load_model(tiny_model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def pan6() -> torch.Tensor:
+    """Six 96x64 uint8 frames of a 4 px/frame camera pan (a real photo), as the editor takes them."""
+    from tokenflow.video import pan_frames
+
+    return torch.from_numpy(pan_frames(num_frames=6, width=96, height=64, shift=4))

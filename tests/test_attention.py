@@ -17,12 +17,11 @@ from tokenflow.attention import (
     tokenflow_attention,
 )
 from tokenflow.correspondence import gather_tokens, linear_neighbors, nearest_neighbors, reference_neighbors
-from tokenflow.models import load_model
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu", dtype="float32")
+def model(tiny_model):
+    return tiny_model
 
 
 def _inputs(model, n=2, seed=0, h=8, w=12):

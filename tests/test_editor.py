@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tokenflow.editor import EditConfig, TokenFlowEditor
 from tokenflow.errors import InputError
@@ -22,13 +20,13 @@ MICRO_MODEL = Path(__file__).parents[1] / "benchmarks" / "micro_model" / "model"
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu", dtype="float32")
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
-def frames() -> torch.Tensor:
-    return torch.from_numpy(pan_frames(num_frames=6, width=96, height=64, shift=4))
+def frames(pan6) -> torch.Tensor:
+    return pan6
 
 
 @pytest.fixture(scope="module")

@@ -44,13 +44,13 @@ from tokenflow.video import pan_frames
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu", dtype="float32")
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
-def frames() -> torch.Tensor:
-    return torch.from_numpy(pan_frames(num_frames=6, width=96, height=64, shift=4))
+def frames(pan6) -> torch.Tensor:
+    return pan6
 
 
 @pytest.fixture(scope="module")
