@@ -34,14 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import MID_KWARGS, QUIET_ENV, peak_rss_mb
+from common import MID_KWARGS, QUIET_ENV, machine_info, peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
 MICRO_DIR = HERE / "micro_model"
@@ -229,33 +228,6 @@ def _timed_stages(editor, frames, spec: dict, device):
 
 
 # ------------------------------------------------------------------------------------------------ parent
-
-
-def machine_info(threads: int, prepared: dict) -> dict:
-    """Stdlib only (the launching process must stay small); torch-side facts come from the prepare step."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info = dict(
-        cpu=cpu,
-        logical_cores=os.cpu_count(),
-        usable_cores=usable,
-        threads=threads,
-        load_average_at_start=[round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        python=platform.python_version(),
-        platform=platform.platform(),
-    )
-    info.update(prepared["machine"])
-    return info
 
 
 def run_prepare(plan_path: Path) -> None:

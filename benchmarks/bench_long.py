@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import MID_KWARGS, QUIET_ENV, peak_rss_mb
+from common import MID_KWARGS, QUIET_ENV, machine_info, peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
 MICRO_DIR = HERE / "micro_model"  # the micro *trained* model (see its README): it makes content decisions
@@ -210,31 +209,6 @@ def run_prepare(request_path: Path) -> None:
             models[name] = str(build_tiny_sd(root / name, **(MID_KWARGS if name == "mid" else {})))
     machine = dict(torch=torch.__version__, device=str(resolve_device(request["device"])))
     Path(request["out"]).write_text(json.dumps(dict(models=models, machine=machine)))
-
-
-def machine_info(threads: int, prepared: dict) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    try:
-        memory_gb = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    except (OSError, ValueError, IndexError):
-        memory_gb = None
-    info = dict(cpu=cpu, logical_cores=os.cpu_count(), usable_cores=usable, threads=threads,
-                memory_gb=round(memory_gb, 1) if memory_gb else None,
-                load_average_at_start=[round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-                python=platform.python_version(), platform=platform.platform())
-    info.update(prepared["machine"])
-    return info
 
 
 def _sub(args: list[str], threads: int) -> subprocess.CompletedProcess:
