@@ -184,7 +184,7 @@ def test_propagation_copies_tokens_from_the_matched_keyframes_and_blends_them(mo
     source = torch.stack([kf_inputs[0, perm0], kf_inputs[1, perm1]])
     hidden = torch.cat([source, torch.randn(4, length, c, generator=g)])  # edited branches' tokens are ignored
     state = TokenFlowState(mode="propagate")
-    state.cache[name] = KeyframeTokens(source_inputs=kf_inputs, outputs=kf_outputs)
+    state.cache.store(name, [0, 1], KeyframeTokens(source_inputs=kf_inputs, outputs=kf_outputs))
     state.prev_index, state.next_index = torch.tensor([0, 0]), torch.tensor([0, 1])
     state.next_weight = torch.tensor([1.0, 1.0])
     out = TokenFlowAttnProcessor(state, name)(attn, hidden).view(3, 2, length, c)

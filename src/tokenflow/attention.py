@@ -11,7 +11,9 @@ The processors replace the self-attention (``attn1``) of every transformer block
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +27,7 @@ from .correspondence import consecutive_runs, gather_tokens, nearest_neighbors
 __all__ = [
     "NUM_BRANCHES",
     "KeyframeTokens",
+    "KeyframeCache",
     "TokenFlowState",
     "TokenFlowAttnProcessor",
     "extended_attention",
@@ -32,6 +35,7 @@ __all__ = [
     "anchor_positions",
     "keyframe_key_sets",
     "auto_keyframe_window",
+    "auto_keyframe_batch",
     "DEFAULT_KEYFRAME_TOKEN_BUDGET",
     "LayerSelection",
     "select_layers",
@@ -49,22 +53,70 @@ class KeyframeTokens:
     source_inputs: torch.Tensor  # [K, L, C] the source branch's attention input tokens (after norm1)
     outputs: torch.Tensor  # [3, K, L, C] attention outputs of all branches (after to_out)
 
-    def to_host(self) -> "KeyframeTokens":
-        """A copy in host memory of its own (page-locked when coming from CUDA: faster copies both ways)."""
 
-        def host(x: torch.Tensor) -> torch.Tensor:
-            out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
-            return out.copy_(x)  # blocking: the host side reads it (index_select) before the GPU is synchronised
+def _copy_rows(x: torch.Tensor, dim: int, rows: list[int], host: bool) -> torch.Tensor:
+    """``x``'s ``rows`` along ``dim`` as a tensor of its own; in host memory when ``host`` (page-locked when coming
+    from CUDA: faster copies both ways)."""
+    picked = x.index_select(dim, torch.tensor(rows, device=x.device))
+    if not host or picked.device.type == "cpu":
+        return picked
+    out = torch.empty(picked.shape, dtype=picked.dtype, device="cpu", pin_memory=picked.is_cuda)
+    return out.copy_(picked)  # blocking: the host side reads it before the device is synchronised
 
-        return KeyframeTokens(source_inputs=host(self.source_inputs), outputs=host(self.outputs))
 
-    def select(self, positions: list[int], device: torch.device) -> "KeyframeTokens":
-        """Only the keyframes at ``positions`` (in that order), on ``device``."""
-        index = torch.tensor(positions, device=self.source_inputs.device)
-        return KeyframeTokens(
-            source_inputs=self.source_inputs.index_select(0, index).to(device, non_blocking=True),
-            outputs=self.outputs.index_select(1, index).to(device, non_blocking=True),
-        )
+class KeyframeCache:
+    """The keyframe pass's tokens per layer and keyframe position (index into the step's sorted keyframes).
+
+    The editor stores keyframes chunk by chunk and drops those no frame left to propagate needs
+    (:meth:`drop_before`), so it holds a bounded number of keyframes however long the video. With ``offload`` the
+    tokens live in host memory and :meth:`fetch` moves just the keyframes a propagation batch blends to the device.
+    """
+
+    def __init__(self) -> None:
+        self._layers: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def store(
+        self, name: str, positions: list[int], tokens: KeyframeTokens, rows: list[int] | None = None,
+        offload: bool = False,
+    ) -> None:
+        """Keep ``tokens``' ``rows`` (default: all) for layer ``name`` under ``positions`` (one per row), copied so
+        that they do not keep the keyframe pass's three-branch tensors alive."""
+        rows = list(range(len(positions))) if rows is None else rows
+        source = _copy_rows(tokens.source_inputs, 0, rows, offload)
+        outputs = _copy_rows(tokens.outputs, 1, rows, offload)
+        layer = self._layers.setdefault(name, {})
+        for row, position in enumerate(positions):
+            layer[position] = (source[row], outputs[:, row])
+
+    def fetch(self, name: str, positions: list[int], device: torch.device | str) -> KeyframeTokens:
+        """The stored keyframes at ``positions`` (in that order) stacked, on ``device``."""
+        layer = self._layers[name]
+        try:
+            entries = [layer[p] for p in positions]
+        except KeyError as exc:
+            raise RuntimeError(f"keyframe position {exc.args[0]} of layer {name} is not stored (or was dropped)") from None
+        source = torch.stack([e[0] for e in entries]).to(device, non_blocking=True)
+        outputs = torch.stack([e[1] for e in entries], dim=1).to(device, non_blocking=True)
+        return KeyframeTokens(source_inputs=source, outputs=outputs)
+
+    def positions(self) -> list[int]:
+        """Keyframe positions held (in any layer), ascending."""
+        return sorted({p for layer in self._layers.values() for p in layer})
+
+    def devices(self) -> set[str]:
+        return {e[1].device.type for layer in self._layers.values() for e in layer.values()}
+
+    def drop_before(self, position: int) -> None:
+        """Forget every keyframe before ``position``."""
+        for layer in self._layers.values():
+            for p in [p for p in layer if p < position]:
+                del layer[p]
+
+    def clear(self) -> None:
+        self._layers.clear()
+
+    def __len__(self) -> int:
+        return len(self._layers)
 
 
 @dataclass
@@ -83,8 +135,12 @@ class TokenFlowState:
     ``anchors``: number of global anchor keyframes, evenly spaced (:func:`anchor_positions`), that every keyframe
     attends to in windowed mode; they carry one appearance across the whole video.
     ``offload_cache``: keep the stored :class:`KeyframeTokens` in host memory and move to the device only the
-    keyframes a propagation batch uses; the results are identical, device memory no longer grows with the number
-    of keyframes.
+    keyframes a propagation batch uses; the results are identical.
+
+    Per keyframe call (set by the editor when it runs the keyframe pass in chunks): ``positions``, the positions
+    of the call's frames among the step's ``num_keyframes`` sorted keyframes (``None``: the call holds all of
+    them, in order), which place the attention windows and anchors; ``store_rows``, the call's rows whose tokens
+    go to the cache (``None``: all), stored under their positions.
     """
 
     mode: str = "default"
@@ -95,7 +151,10 @@ class TokenFlowState:
     prev_index: torch.Tensor | None = None  # [n] positions into the stored keyframes
     next_index: torch.Tensor | None = None
     next_weight: torch.Tensor | None = None  # [n] float32
-    cache: dict[str, KeyframeTokens] = field(default_factory=dict)
+    cache: KeyframeCache = field(default_factory=KeyframeCache)
+    positions: list[int] | None = None
+    num_keyframes: int | None = None
+    store_rows: list[int] | None = None
     keyframe_window: int | None = None
     anchors: int = 0
     offload_cache: bool = False
@@ -111,6 +170,7 @@ class TokenFlowState:
         self.extended = True
         self.store = self.qk_inject = self.conv_inject = False
         self.prev_index = self.next_index = self.next_weight = None
+        self.positions = self.num_keyframes = self.store_rows = None
         self.cache.clear()
 
 
@@ -140,26 +200,46 @@ def anchor_positions(num_keyframes: int, anchors: int) -> list[int]:
     return sorted({(2 * i + 1) * num_keyframes // (2 * count) for i in range(count)})
 
 
-def keyframe_key_sets(num_keyframes: int, window: int | None, anchors: int = 0) -> list[tuple[list[int], list[int]]]:
-    """(query keyframes, key keyframes) groups of windowed extended attention, keys ascending.
+def keyframe_key_sets(
+    num_keyframes: int, window: int | None, anchors: int = 0, positions: Sequence[int] | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """(query rows, key rows) groups of windowed extended attention, keys ascending.
 
     Keyframe ``j`` attends to keyframes ``max(0, j-window) .. min(n-1, j+window)`` and the anchors, without
     duplicates; keyframes with the same key set share one group (one attention call). ``window=None``: one group,
     every keyframe attending to all.
+
+    ``positions``: when a call holds only some of the ``num_keyframes`` keyframes (a chunk of the keyframe pass),
+    their positions, ascending; rows index ``positions`` and each keyframe attends to the keys of its window and
+    the anchors that the call holds. ``None``: the call holds all keyframes, row ``j`` is keyframe ``j``.
     """
-    n = num_keyframes
+    return _key_sets(num_keyframes, window, anchors, None if positions is None else tuple(positions))
+
+
+@functools.lru_cache(maxsize=64)  # every self-attention layer of a call asks for the same groups
+def _key_sets(n: int, window: int | None, anchors: int, positions: tuple[int, ...] | None):
+    present = tuple(range(n)) if positions is None else positions
     if window is None or window >= n - 1:
-        return [(list(range(n)), list(range(n)))]
-    extra = set(anchor_positions(n, anchors))
+        every = list(range(len(present)))
+        return [(every, every)]
+    anchor_set = set(anchor_positions(n, anchors))
+    extra = {row for row, p in enumerate(present) if p in anchor_set}
     groups: dict[tuple[int, ...], list[int]] = {}
-    for j in range(n):
-        keys = set(range(max(0, j - window), min(n - 1, j + window) + 1)) | extra
-        groups.setdefault(tuple(sorted(keys)), []).append(j)
+    for row, j in enumerate(present):
+        lo, hi = bisect.bisect_left(present, j - window), bisect.bisect_right(present, j + window)
+        keys = set(range(lo, hi)) | extra
+        groups.setdefault(tuple(sorted(keys)), []).append(row)
     return [(queries, list(keys)) for keys, queries in groups.items()]
 
 
 def windowed_extended_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, anchors: int = 0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None,
+    anchors: int = 0,
+    positions: Sequence[int] | None = None,
+    num_keyframes: int | None = None,
 ) -> torch.Tensor:
     """Extended attention restricted to a temporal window of keyframes plus evenly spaced anchor keyframes.
 
@@ -167,12 +247,14 @@ def windowed_extended_attention(
     of keyframes ``j-window .. j+window`` (clipped) and of the ``anchors`` keyframes (:func:`keyframe_key_sets`),
     concatenated in ascending order: cost O(n * (2 * window + 1 + anchors)) frames of keys instead of O(n^2).
     ``window=None`` (or a window that covers every keyframe) is exactly :func:`extended_attention`.
+    ``positions`` / ``num_keyframes``: the frames are the keyframes at these positions among ``num_keyframes``
+    (a chunk of the keyframe pass, see :func:`keyframe_key_sets`); default: all of them, in order.
 
     Keys are laid out once as ``[B, heads, n, L, d]``, so a contiguous run of keyframes is a view; only key sets
     broken by anchors are concatenated, one group at a time (never a copy per keyframe of all keys).
     """
     b, n, h, length, d = q.shape
-    groups = keyframe_key_sets(n, window, anchors)
+    groups = keyframe_key_sets(num_keyframes or n, window, anchors, positions)
     if len(groups) == 1 and len(groups[0][1]) == n:
         return extended_attention(q, k, v)
 
@@ -200,6 +282,10 @@ def windowed_extended_attention(
 DEFAULT_KEYFRAME_TOKEN_BUDGET = 16 * 64 * 64
 
 
+def _budget_frames(tokens_per_frame: int, budget_tokens: int) -> int:
+    return max(1, budget_tokens // tokens_per_frame)
+
+
 def auto_keyframe_window(
     num_keyframes: int, tokens_per_frame: int, budget_tokens: int = DEFAULT_KEYFRAME_TOKEN_BUDGET, anchors: int = 0
 ) -> int | None:
@@ -208,9 +294,11 @@ def auto_keyframe_window(
     ``tokens_per_frame``: tokens of the largest self-attention level, i.e. latent ``h * w`` for SD/SDXL.
     Full joint attention lets every keyframe see every other one, which is what makes the paper's edit globally
     consistent, but its cost grows as ``(num_keyframes * tokens_per_frame) ** 2`` in compute and, without a fused
-    kernel, in memory. Past ``budget_tokens`` keys per query the window is the largest ``K`` with
-    ``(2K + 1 + anchors) * tokens_per_frame <= budget_tokens`` (at least 1): cost then grows linearly with the
-    video. The price: keyframes further apart than the window only meet through the chain of overlapping windows
+    kernel, in memory, and the keyframe pass's activations grow with ``num_keyframes``. Past ``budget_tokens``
+    (``B`` frames) the keyframe pass runs in calls of at most ``B`` keyframes (:func:`auto_keyframe_batch`), half
+    of each call the keyframes it computes and half their context, so the window is
+    ``K = (B - 1 - anchors) // 4`` (at least 1): cost then grows linearly with the video and memory not at all.
+    The price: keyframes further apart than the window only meet through the chain of overlapping windows
     (one hop of ``K`` keyframes per attention layer and step), so a look that depends on the edit's free choices
     (a colour, a texture) can drift slowly along a long video; ``anchors`` give every keyframe the same few
     global references at ``anchors * tokens_per_frame`` extra keys each, which holds it together.
@@ -219,8 +307,19 @@ def auto_keyframe_window(
         raise ValueError(f"num_keyframes {num_keyframes} and tokens_per_frame {tokens_per_frame} must be positive")
     if num_keyframes * tokens_per_frame <= budget_tokens:
         return None
-    frames = budget_tokens // tokens_per_frame
-    return max(1, (frames - 1 - anchors) // 2)
+    frames = _budget_frames(tokens_per_frame, budget_tokens)
+    return max(1, (frames - 1 - anchors) // 4)
+
+
+def auto_keyframe_batch(
+    window: int, tokens_per_frame: int, budget_tokens: int = DEFAULT_KEYFRAME_TOKEN_BUDGET, anchors: int = 0
+) -> int:
+    """Keyframes a call of the windowed keyframe pass computes: the rest of a ``B``-keyframe call (the budget of
+    :func:`auto_keyframe_window`) after the ``window`` context keyframes on each side and the anchors; at least 1.
+
+    So no call is larger than the largest full-attention keyframe pass, whatever the video's length.
+    """
+    return max(1, _budget_frames(tokens_per_frame, budget_tokens) - 2 * window - anchors)
 
 
 class TokenFlowAttnProcessor:
@@ -268,7 +367,8 @@ class TokenFlowAttnProcessor:
             per_frame = F.scaled_dot_product_attention(q[:n], k[:n], v[:n])  # the source branch stays per frame
             shape = (NUM_BRANCHES - 1, n) + q.shape[1:]
             joint = windowed_extended_attention(
-                q[n:].view(shape), k[n:].view(shape), v[n:].view(shape), state.keyframe_window, state.anchors
+                q[n:].view(shape), k[n:].view(shape), v[n:].view(shape), state.keyframe_window, state.anchors,
+                state.positions, state.num_keyframes,
             )
             out = torch.cat([per_frame, joint.reshape((NUM_BRANCHES - 1) * n, *q.shape[1:])])
         else:
@@ -279,27 +379,23 @@ class TokenFlowAttnProcessor:
             out = out + residual
         out = out / attn.rescale_output_factor
         if state.store:
-            # the source rows are cloned, so the stored tokens do not keep the three-branch input alive
-            tokens = KeyframeTokens(
-                source_inputs=hidden_states[:n].detach().clone(),
-                outputs=out.view(NUM_BRANCHES, n, length, -1).detach(),
-            )
-            state.cache[self.name] = tokens.to_host() if state.offload_cache else tokens
+            rows = list(range(n)) if state.store_rows is None else state.store_rows
+            positions = rows if state.positions is None else [state.positions[r] for r in rows]
+            tokens = KeyframeTokens(source_inputs=hidden_states[:n], outputs=out.view(NUM_BRANCHES, n, length, -1))
+            state.cache.store(self.name, positions, tokens, rows=rows, offload=state.offload_cache)
         return out
 
     def _propagate(self, hidden_states: torch.Tensor) -> torch.Tensor:
         state = self.state
-        stored = state.cache[self.name]
         total, length, dim = hidden_states.shape
         n = total // NUM_BRANCHES
         source = hidden_states[:n]  # correspondences come from the source video only
         next_index, prev_index = state.next_index.tolist(), state.prev_index.tolist()
-        if state.offload_cache:
-            # offloaded cache: bring over only the keyframes this batch blends, renumbered in that subset
-            needed = sorted(set(next_index) | set(prev_index))
-            stored = stored.select(needed, hidden_states.device)
-            local = {j: i for i, j in enumerate(needed)}
-            next_index, prev_index = [local[j] for j in next_index], [local[j] for j in prev_index]
+        # bring over only the keyframes this batch blends, renumbered in that subset
+        needed = sorted(set(next_index) | set(prev_index))
+        stored = state.cache.fetch(self.name, needed, hidden_states.device)
+        local = {j: i for i, j in enumerate(needed)}
+        next_index, prev_index = [local[j] for j in next_index], [local[j] for j in prev_index]
         result = []
         for f in range(n):  # one frame at a time bounds the [L, L] similarity matrix
             j_next, j_prev = next_index[f], prev_index[f]

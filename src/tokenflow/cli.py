@@ -77,6 +77,9 @@ def edit(
     lora: list[str] = typer.Option([], help="LoRA weights PATH_OR_ID[:SCALE]; repeatable."),
     keyframe_window: str = typer.Option("auto", help="Keyframe joint attention: auto, full, or K neighbours each side."),
     anchors: int = typer.Option(1, help="Global anchor keyframes every keyframe attends to when windowed."),
+    keyframe_batch: str = typer.Option(
+        "auto", help="Keyframes per UNet call of a windowed keyframe pass: auto, all, or a number."
+    ),
     offload: Optional[str] = typer.Option(None, help="CPU offload for small GPUs: model or sequential."),
     config: Optional[Path] = typer.Option(None, help="YAML or TOML file with any of these options."),
 ):

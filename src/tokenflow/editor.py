@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .attention import NUM_BRANCHES, LayerSelection, TokenFlowState, auto_keyframe_window, tokenflow_attention
+from .attention import (
+    NUM_BRANCHES,
+    LayerSelection,
+    TokenFlowState,
+    anchor_positions,
+    auto_keyframe_batch,
+    auto_keyframe_window,
+    tokenflow_attention,
+)
+from .control import to_control_tensor
 from .correspondence import linear_neighbors, reference_neighbors
 from .errors import InputError
 from .inversion import InversionCache, SourceLatents, invert_frames
@@ -56,6 +65,7 @@ class EditConfig:
     controlnet_scale: float = 1.0
     keyframe_window: int | str | None = "auto"  # "auto": full joint attention while it fits, a window beyond
     anchors: int = 1  # global anchor keyframes every keyframe also attends to when windowed
+    keyframe_batch: int | str | None = "auto"  # keyframes per UNet call of a windowed keyframe pass; "all": one call
     offload_cache: bool | None = None  # keyframe tokens in host memory; None: on for CUDA/MPS
     layers: LayerSelection = field(default_factory=LayerSelection)
 
@@ -95,6 +105,9 @@ class EditConfig:
             raise InputError(f"--keyframe-window {window!r}: use auto, full or a number of keyframes (>= 0)")
         if self.anchors < 0:
             raise InputError(f"--anchors {self.anchors}: must be 0 or more")
+        chunk = self.keyframe_batch
+        if not (chunk in (None, "auto", "all") or (isinstance(chunk, int) and chunk >= 1)):
+            raise InputError(f"--keyframe-batch {chunk!r}: use auto, all or a number of keyframes (>= 1)")
 
     def resolve_keyframe_window(self, num_frames: int, tokens_per_frame: int) -> int | None:
         """The window the keyframe pass uses: ``None`` is full joint attention (the paper's)."""
@@ -104,6 +117,14 @@ class EditConfig:
             keyframes = -(-num_frames // self.batch_size)
             return auto_keyframe_window(keyframes, tokens_per_frame, anchors=self.anchors)
         return int(self.keyframe_window)
+
+    def resolve_keyframe_batch(self, window: int | None, tokens_per_frame: int) -> int | None:
+        """Keyframes per UNet call of the keyframe pass (``None``: all in one call; always so for full attention)."""
+        if window is None or self.keyframe_batch in (None, "all"):
+            return None
+        if self.keyframe_batch == "auto":
+            return auto_keyframe_batch(window, tokens_per_frame, anchors=self.anchors)
+        return int(self.keyframe_batch)
 
 
 @dataclass
@@ -115,6 +136,8 @@ class EditOutput:
     timesteps: list[int]
     unet_frame_evaluations: int
     seconds: float
+    max_cached_keyframes: int = 0  # most keyframes whose tokens were held at once (bounded for long videos)
+    max_keyframes_per_call: int = 0  # largest keyframe-pass UNet call
 
 
 class TokenFlowEditor:
@@ -176,8 +199,9 @@ class TokenFlowEditor:
            noisiest inverted latent.
         3. Per step: keyframe pass (joint, extended attention), propagation pass (batches), CFG, DDIM step.
 
-        ``control``: ControlNet conditioning images ``[N, 3, H, W]`` in [0, 1] (mode ``controlnet``; the model must
-        carry a ControlNet). ``generator`` replaces the seeded generator of the default random keyframe schedule.
+        ``control``: ControlNet conditioning images ``[N, 3, H, W]`` in [0, 1], or uint8 maps ``[N, H, W, 3]`` read
+        a batch at a time (a :class:`~tokenflow.framestore.FrameStore`) (mode ``controlnet``; the model must carry
+        a ControlNet). ``generator`` replaces the seeded generator of the default random keyframe schedule.
         """
         config.check_inputs()
         model = self.model
@@ -216,18 +240,24 @@ class TokenFlowEditor:
         schedule = make_schedule(config.keyframes, config.batch_size, config.seed)
         if generator is not None and isinstance(schedule, RandomKeyframes):
             schedule.generator = generator
-        window = config.resolve_keyframe_window(n_frames, source.clean.shape[2] * source.clean.shape[3])
+        tokens_per_frame = source.clean.shape[2] * source.clean.shape[3]
+        window = config.resolve_keyframe_window(n_frames, tokens_per_frame)
         offload = config.offload_cache if config.offload_cache is not None else model.device.type != "cpu"
-        if window is not None and config.propagation != "none":
-            logger.info("keyframe attention window: %d keyframes each side, %d anchors", window, config.anchors)
         state = TokenFlowState(keyframe_window=window, anchors=config.anchors, offload_cache=offload)
+        plan = _KeyframePlan(window, config.anchors, config.resolve_keyframe_batch(window, tokens_per_frame))
+        if window is not None and config.propagation != "none":
+            logger.info("keyframe attention window: %d keyframes each side, %d anchors, %s keyframes per call",
+                        window, config.anchors, plan.batch or "all")
         run = _StepRunner(model, scheduler, texts, config.guidance_scale, state)
         if controlnet is not None:
             run.controlnet, run.control, run.control_scale = controlnet, control, config.controlnet_scale
         used_keyframes: list[list[int]] = []
 
+        bar = tqdm(total=len(timesteps) * n_frames, desc="editing", unit="frame", disable=not progress)
+        run.on_frames = bar.update
         with tokenflow_attention(model.unet, state, config.layers):
-            for step, t in enumerate(tqdm(timesteps, desc="editing", unit="step", disable=not progress)):
+            for step, t in enumerate(timesteps):
+                bar.set_postfix_str(f"step {step + 1}/{len(timesteps)}", refresh=False)
                 state.qk_inject = t in qk_steps
                 state.conv_inject = t in conv_steps
                 src_t = source.noisy[t]
@@ -238,17 +268,20 @@ class TokenFlowEditor:
                     keyframes = schedule(step, n_frames)
                     _check_keyframes(keyframes, n_frames, config)
                     used_keyframes.append(list(keyframes))
-                    x = self._tokenflow_step(run, x, src_t, t, keyframes, config)
+                    x = self._tokenflow_step(run, x, src_t, t, keyframes, config, plan.calls(len(keyframes), step))
                 state.cache.clear()
                 if callback_on_step_end is not None:
                     callback_on_step_end(step, t, x)
             state.reset()
+        bar.close()
         return EditOutput(
             latents=x,
             keyframes=used_keyframes,
             timesteps=timesteps,
             unet_frame_evaluations=run.frame_evaluations,
             seconds=time.perf_counter() - started,
+            max_cached_keyframes=run.max_cached_keyframes,
+            max_keyframes_per_call=run.max_keyframes_per_call,
         )
 
     def _check_control(self, config: EditConfig, control, source: SourceLatents):
@@ -261,7 +294,8 @@ class TokenFlowEditor:
             raise InputError("--mode controlnet needs control images (--control canny|depth|FOLDER)")
         n, _, h, w = source.clean.shape
         factor = self.model.vae_scale_factor
-        if control.shape[0] != n or tuple(control.shape[2:]) != (h * factor, w * factor):
+        size = tuple(control.shape[2:]) if isinstance(control, torch.Tensor) else tuple(control.shape[1:3])
+        if control.shape[0] != n or size != (h * factor, w * factor):
             raise InputError(
                 f"control maps {tuple(control.shape)} do not match the {n} frames of {w * factor}x{h * factor}"
             )
@@ -278,33 +312,90 @@ class TokenFlowEditor:
         return out
 
     @staticmethod
-    def _tokenflow_step(run: "_StepRunner", x, src_t, t, keyframes: list[int], config: EditConfig) -> torch.Tensor:
+    def _tokenflow_step(
+        run: "_StepRunner", x, src_t, t, keyframes: list[int], config: EditConfig, calls: list["_KeyframeCall"]
+    ) -> torch.Tensor:
+        """One denoising step: the keyframe pass call by call, each followed by the propagation batches whose
+        keyframes are all computed by then; keyframes no batch left needs leave the cache. With one call this is
+        the paper's order (all keyframes, then all batches), and always the same batches with the same neighbours.
+        """
         state = run.state
         n_frames = x.shape[0]
-        # Keyframe pass: joint editing with extended attention; store each layer's tokens.
-        state.mode, state.extended, state.store = "keyframe", True, True
-        keyframe_out = run(keyframes, x, src_t, t)
-        state.mode, state.store = "propagate", False
         out = torch.empty_like(x)
         if config.blending == "linear":
             # A keyframe is its own nearest neighbour, so its propagated result would equal its keyframe-pass
             # result: keep that and propagate only the other frames.
-            out[keyframes] = keyframe_out
-            others = [f for f in range(n_frames) if f not in set(keyframes)]
+            is_key = set(keyframes)
+            others = [f for f in range(n_frames) if f not in is_key]
             batches = [others[i : i + config.batch_size] for i in range(0, len(others), config.batch_size)]
-            neighbours = lambda frames: linear_neighbors(frames, keyframes)  # noqa: E731
+            pending = [(frames, linear_neighbors(frames, keyframes)) for frames in batches]
         else:
             # The reference re-derives every frame chunk by chunk, blending with the previous chunk's keyframe.
             batches = [list(range(i, min(i + config.batch_size, n_frames))) for i in range(0, n_frames, config.batch_size)]
-            neighbours = lambda frames: reference_neighbors(frames, config.batch_size)  # noqa: E731
-        for frames in batches:
-            prev, nxt, weight = neighbours(frames)
-            device = run.model.device
-            state.prev_index = torch.tensor(prev, device=device)
-            state.next_index = torch.tensor(nxt, device=device)
-            state.next_weight = torch.tensor(weight, dtype=torch.float32)
-            out[frames] = run(frames, x, src_t, t)
+            pending = [(frames, reference_neighbors(frames, config.batch_size)) for frames in batches]
+        pending.reverse()  # popped from the end, in time order
+        device = run.model.device
+        for call in calls:
+            state.mode, state.extended, state.store = "keyframe", True, True
+            state.positions, state.num_keyframes, state.store_rows = call.positions, len(keyframes), call.rows
+            count = len(call.rows) if config.blending == "linear" else 0  # reference: batches redo every frame
+            result = run([keyframes[p] for p in call.positions], x, src_t, t, count=count)
+            if config.blending == "linear":
+                out[[keyframes[call.positions[r]] for r in call.rows]] = result[call.rows]
+            state.mode, state.store = "propagate", False
+            state.positions = state.num_keyframes = state.store_rows = None
+            run.max_cached_keyframes = max(run.max_cached_keyframes, len(state.cache.positions()))
+            while pending and max(pending[-1][1][1]) < call.computed:
+                frames, (prev, nxt, weight) = pending.pop()
+                state.prev_index = torch.tensor(prev, device=device)
+                state.next_index = torch.tensor(nxt, device=device)
+                state.next_weight = torch.tensor(weight, dtype=torch.float32)
+                out[frames] = run(frames, x, src_t, t)
+            # what the batches left still blend: from the earliest previous keyframe on
+            state.cache.drop_before(min(pending[-1][1][0]) if pending else len(keyframes))
+        if pending:
+            raise RuntimeError(f"keyframe calls {calls} left {len(pending)} propagation batches without keyframes")
         return out
+
+
+@dataclass
+class _KeyframeCall:
+    """One UNet call of the keyframe pass: the keyframe positions it runs (ascending), the rows among them it
+    computes (whose results and tokens are kept; the others are context), and how many keyframes are computed
+    once it is done (all positions before that)."""
+
+    positions: list[int]
+    rows: list[int]
+    computed: int
+
+
+@dataclass
+class _KeyframePlan:
+    """How a step's keyframe pass splits into calls of ``batch`` keyframes (``None``: one call of all).
+
+    A call computes ``batch`` consecutive keyframes; it also runs the ``window`` keyframes on each side and the
+    anchors, so every computed keyframe attends to its whole window. The context keyframes' own features see a
+    truncated window, so a split pass is close to, not equal to, one call; the split points move from step to
+    step (by the golden ratio of ``batch``) so no frame sits next to a split at every step.
+    """
+
+    window: int | None
+    anchors: int
+    batch: int | None
+
+    def calls(self, num_keyframes: int, step: int) -> list[_KeyframeCall]:
+        k = num_keyframes
+        if self.batch is None or self.window is None or self.batch >= k:
+            return [_KeyframeCall(list(range(k)), list(range(k)), k)]
+        offset = round(step * 0.6180339887 * self.batch) % self.batch
+        starts = ([0] if offset else []) + list(range(offset, k, self.batch))
+        anchors = set(anchor_positions(k, self.anchors))
+        calls = []
+        for a, z in zip(starts, starts[1:] + [k]):
+            positions = sorted(set(range(max(0, a - self.window), min(k, z + self.window))) | anchors)
+            rows = [i for i, p in enumerate(positions) if a <= p < z]
+            calls.append(_KeyframeCall(positions, rows, z))
+        return calls
 
 
 def _check_keyframes(keyframes: list[int], n_frames: int, config: EditConfig) -> None:
@@ -334,11 +425,17 @@ class _StepRunner:
         self.controlnet = None
         self.control: torch.Tensor | None = None  # [N, 3, H, W] in [0, 1]
         self.control_scale = 1.0
+        self.on_frames: Callable[[int], object] | None = None  # progress: frames finished
+        self.max_cached_keyframes = 0
+        self.max_keyframes_per_call = 0
 
     def _control_residuals(self, latents: torch.Tensor, text: TextConditioning, frames: list[int], t: int) -> dict:
         """ControlNet residuals for the edited branches (uncond, cond); zeros for the source branch."""
         n = len(frames)
-        image = self.control[frames].to(self.model.device, self.controlnet.dtype).repeat(NUM_BRANCHES - 1, 1, 1, 1)
+        image = self.control[frames]
+        if not isinstance(image, torch.Tensor):  # uint8 maps [n, H, W, 3] (a FrameStore)
+            image = to_control_tensor(image)
+        image = image.to(self.model.device, self.controlnet.dtype).repeat(NUM_BRANCHES - 1, 1, 1, 1)
         edited = text.rows(list(range(n, NUM_BRANCHES * n)))
         down, mid = self.controlnet(
             latents[n:].to(self.controlnet.dtype),
@@ -357,9 +454,12 @@ class _StepRunner:
             mid_block_additional_residual=with_source(mid),
         )
 
-    def __call__(self, frames: list[int], x: torch.Tensor, src_t: torch.Tensor, t: int) -> torch.Tensor:
+    def __call__(self, frames: list[int], x: torch.Tensor, src_t: torch.Tensor, t: int, count: int | None = None):
+        """The next latents of ``frames``; ``count``: how many of them this call finishes (progress)."""
         model = self.model
         n = len(frames)
+        if self.state.mode == "keyframe" and self.state.store:
+            self.max_keyframes_per_call = max(self.max_keyframes_per_call, n)
         latents = torch.cat([src_t[frames], x[frames], x[frames]]).to(model.device, model.dtype)
         text = self.texts.rows(torch.arange(NUM_BRANCHES).repeat_interleave(n))  # branch-major, n frames each
         extra = self._control_residuals(latents, text, frames, t) if self.controlnet is not None else {}
@@ -367,4 +467,6 @@ class _StepRunner:
         self.frame_evaluations += NUM_BRANCHES * n
         _, uncond, cond = pred.chunk(NUM_BRANCHES)
         eps = uncond + self.guidance * (cond - uncond)
+        if self.on_frames is not None:
+            self.on_frames(n if count is None else count)
         return self.scheduler.step(eps.cpu(), t, x[frames]).prev_sample

@@ -631,9 +631,14 @@ class InversionCache:
         self.root = Path(root)
 
     @staticmethod
-    def key(frames: torch.Tensor, model: StableDiffusionModel, prompt: str, grid: list[int], save: list[int]) -> str:
-        digest = hashlib.sha256()
-        digest.update(memoryview(frames.contiguous().numpy()).cast("B"))  # the frames' bytes, without a copy
+    def key(frames, model: StableDiffusionModel, prompt: str, grid: list[int], save: list[int]) -> str:
+        """``frames``: a uint8 ``[N,H,W,3]`` tensor or a :class:`~tokenflow.framestore.FrameStore` (whose hash
+        of the same bytes was taken as it was written: the same key either way)."""
+        if hasattr(frames, "sha256"):
+            digest = frames.sha256()
+        else:
+            digest = hashlib.sha256()
+            digest.update(memoryview(torch.as_tensor(frames).contiguous().numpy()).cast("B"))  # no copy
         digest.update(str(tuple(frames.shape)).encode())
         digest.update(
             json.dumps(

@@ -157,10 +157,11 @@ class StableDiffusionModel:
 
     @torch.no_grad()
     def encode_frames(self, frames: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """uint8 ``[N,H,W,3]`` frames -> scaled VAE posterior means ``[N,4,H/f,W/f]`` on the CPU, float32."""
+        """uint8 ``[N,H,W,3]`` frames (a tensor, an array or a :class:`~tokenflow.framestore.FrameStore`, read a
+        batch at a time) -> scaled VAE posterior means ``[N,4,H/f,W/f]`` on the CPU, float32."""
         out = []
         for i in range(0, frames.shape[0], batch_size):
-            x = frames[i : i + batch_size].to(self.device).permute(0, 3, 1, 2).to(self.vae.dtype) / 255.0
+            x = torch.as_tensor(frames[i : i + batch_size]).to(self.device).permute(0, 3, 1, 2).to(self.vae.dtype) / 255.0
             latent = self.vae.encode(2 * x - 1).latent_dist.mean * self.vae.config.scaling_factor
             out.append(latent.float().cpu().contiguous())  # the permuted input leaves channels-last strides
         return torch.cat(out)

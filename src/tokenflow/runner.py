@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from . import video as video_io
 from .editor import DEFAULT_NEGATIVE_PROMPT, EditConfig, EditOutput, TokenFlowEditor
 from .errors import InputError
+from .framestore import FrameStore
 from .inversion import InversionCache, SourceLatents
 from .models import DEFAULT_MODEL, resolve_device, resolve_dtype
 
@@ -78,14 +78,16 @@ class RunOptions:
     lora: list[str] = field(default_factory=list)
     keyframe_window: str = "auto"
     anchors: int = 1
+    keyframe_batch: str = "auto"
     offload: str | None = None
 
     def edit_config(self) -> EditConfig:
         """The editing loop's options: every :class:`EditConfig` field this run sets (same names)."""
         values = {f.name: getattr(self, f.name) for f in fields(EditConfig) if hasattr(self, f.name)}
-        window = values.get("keyframe_window")
-        if isinstance(window, str) and window.isdigit():
-            values["keyframe_window"] = int(window)
+        for name in ("keyframe_window", "keyframe_batch"):
+            value = values.get(name)
+            if isinstance(value, str) and value.isdigit():
+                values[name] = int(value)
         return EditConfig(**values)
 
     def check_inputs(self, editing: bool = True) -> None:
@@ -150,12 +152,15 @@ def _default_out(options: RunOptions) -> Path:
     return Path("tokenflow-out") / f"{Path(options.video).stem}-{digest}"
 
 
-def _prepare(options: RunOptions, editor: TokenFlowEditor | None, with_controlnet: bool = False):
-    """Read and resize the frames, load the model: what both commands need."""
+def _prepare(options: RunOptions, editor: TokenFlowEditor | None, workdir: Path, with_controlnet: bool = False):
+    """Load the model, then stream the selected frames, resized to the working size, into ``workdir``.
+
+    Returns the editor, the frames (a :class:`FrameStore`: on disk, read a batch at a time), the source's
+    :class:`VideoInfo` and the timings.
+    """
     timings = {}
-    started = time.perf_counter()
-    frames, info = video_io.load_frames(options.video, options.start, options.stride, options.max_frames)
-    timings["read"] = time.perf_counter() - started
+    info = video_io.probe(options.video)  # a bad input fails here, before the model loads
+    frames_in = video_io.read_frames(options.video, options.start, options.stride, options.max_frames)
     started = time.perf_counter()
     if editor is None:
         from .models import parse_lora
@@ -179,15 +184,18 @@ def _prepare(options: RunOptions, editor: TokenFlowEditor | None, with_controlne
             f"--size {size} is too small for {options.model}: the short side must be at least "
             f"{factor * depth} px; use a larger --size"
         )
-    frames = video_io.resize_frames(frames, width, height)
+    started = time.perf_counter()
+    resized = (video_io.resize_frames(frame, width, height) for frame in frames_in)
+    frames = FrameStore.write(workdir / "frames.rgb", resized, source=str(options.video))
+    timings["read"] = time.perf_counter() - started
     return editor, frames, info, timings
 
 
-def _invert(editor: TokenFlowEditor, frames: np.ndarray, options: RunOptions, timings: dict):
+def _invert(editor: TokenFlowEditor, frames: FrameStore, options: RunOptions, timings: dict):
     hits = []
     started = time.perf_counter()
     source = editor.invert(
-        torch.from_numpy(frames),
+        frames,
         inversion_prompt=options.inversion_prompt,
         steps=options.steps,
         inversion_steps=options.inversion_steps,
@@ -203,8 +211,14 @@ def _invert(editor: TokenFlowEditor, frames: np.ndarray, options: RunOptions, ti
 def invert_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> SourceLatents:
     """Precompute and cache the inversion of a video (``tokenflow invert``)."""
     options.check_inputs(editing=False)
-    editor, frames, _, timings = _prepare(options, editor)
-    source, hit = _invert(editor, frames, options, timings)
+    root = InversionCache(options.cache_dir).root
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".frames-", dir=root) as workdir:
+        editor, frames, _, timings = _prepare(options, editor, Path(workdir))
+        try:
+            source, hit = _invert(editor, frames, options, timings)
+        finally:
+            frames.close()
     logger.info(
         "inversion %s in %.1f s (%d frames %dx%d; reconstruction PSNR %s dB)",
         "cache hit" if hit else "done",
@@ -222,41 +236,51 @@ def edit_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> Ru
 
     Outputs: ``edited.mp4`` (source fps / stride, with the source's audio for the selected range),
     ``source.mp4``, ``side_by_side.mp4``, ``preview.png``, ``run.json`` and optionally ``latents.safetensors``.
+    Frames and control maps are staged on disk in the output's temporary folder and read a batch at a time, so
+    host memory does not grow with the video's length.
     """
     options.check_inputs()
     out_dir = Path(options.out) if options.out is not None else _default_out(options)
-    editor, frames, info, timings = _prepare(options, editor, with_controlnet=options.mode == "controlnet")
-    control = None
-    if options.mode == "controlnet":
-        from .control import control_maps, to_control_tensor
-
-        started = time.perf_counter()
-        control_frames = control_maps(
-            options.control, frames, start=options.start, stride=options.stride, low=options.canny_low,
-            high=options.canny_high, depth_model=options.depth_model,
-        )
-        control = to_control_tensor(control_frames)
-        timings["control_maps"] = time.perf_counter() - started
-    source, cache_hit = _invert(editor, frames, options, timings)
-    config = options.edit_config()
-    result = editor.edit(source, config, progress=not options.quiet, control=control)
-    timings["edit"] = result.seconds
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
+    work = staging / ".work"
+    work.mkdir()
+    stores: list[FrameStore] = []
     try:
-        started = time.perf_counter()
+        editor, frames, info, timings = _prepare(options, editor, work, with_controlnet=options.mode == "controlnet")
+        stores.append(frames)
+        control = None
         fps = info.fps / options.stride
+        if options.mode == "controlnet":
+            from .control import stream_control_maps
+
+            started = time.perf_counter()
+            maps = stream_control_maps(
+                options.control, frames, start=options.start, stride=options.stride, low=options.canny_low,
+                high=options.canny_high, depth_model=options.depth_model, batch_size=options.batch_size,
+            )
+            control = FrameStore.write(work / "control.rgb", maps, source=f"--control {options.control}")
+            stores.append(control)
+            timings["control_maps"] = time.perf_counter() - started
+        source, cache_hit = _invert(editor, frames, options, timings)
+        config = options.edit_config()
+        result = editor.edit(source, config, progress=not options.quiet, control=control)
+        timings["edit"] = result.seconds
+
+        started = time.perf_counter()
         _write_outputs(staging, editor, result, frames, info, options, fps)
         timings["decode_write"] = time.perf_counter() - started
         if control is not None:
-            video_io.write_video(staging / "control.mp4", control_frames, fps)
+            _write_frames(staging / "control.mp4", control, fps, options.batch_size)
         if options.save_latents:
             _save_latents(staging / "latents.safetensors", result, source)
         report = _run_report(options, editor, info, frames, fps, source, cache_hit, result, timings)
+        for store in stores:
+            store.close()
+        shutil.rmtree(work)
         if options.evaluate:
             from .metrics import evaluate_files
 
@@ -268,6 +292,8 @@ def edit_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> Ru
         (staging / "run.json").write_text(json.dumps(report, indent=1, default=str))
         _move_into_place(staging, out_dir)
     except BaseException:
+        for store in stores:
+            store.close()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("wrote %s", out_dir)
@@ -282,7 +308,14 @@ def edit_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> Ru
     )
 
 
-def _write_outputs(staging: Path, editor, result: EditOutput, frames: np.ndarray, info, options, fps) -> None:
+def _write_frames(path: Path, frames: FrameStore, fps: float, batch: int) -> None:
+    with video_io.VideoWriter(path, fps, frames.shape[2], frames.shape[1]) as out:
+        for start in range(0, frames.shape[0], max(1, batch)):
+            for frame in frames[start : start + batch]:
+                out.write(frame)
+
+
+def _write_outputs(staging: Path, editor, result: EditOutput, frames: FrameStore, info, options, fps) -> None:
     n, height, width = frames.shape[:3]
     audio = dict(audio_from=info.path, audio_start=options.start / info.fps, audio_end=(options.start + n * options.stride) / info.fps) if info.has_audio else {}
     previews = []
@@ -296,12 +329,13 @@ def _write_outputs(staging: Path, editor, result: EditOutput, frames: np.ndarray
         bar = tqdm(total=n, desc="decoding", unit="frame", disable=options.quiet)
         for start in range(0, n, batch):
             decoded = editor.model.decode_latents(result.latents[start : start + batch]).numpy()
-            for i, frame in enumerate(decoded, start=start):
+            originals = frames[start : start + len(decoded)]
+            for i, (original, frame) in enumerate(zip(originals, decoded), start=start):
                 edited_out.write(frame)
-                source_out.write(frames[i])
-                both_out.write(video_io.side_by_side(frames[i], frame))
+                source_out.write(original)
+                both_out.write(video_io.side_by_side(original, frame))
                 if i in pick:
-                    previews.append((frames[i], frame))
+                    previews.append((original, frame))
             bar.update(len(decoded))
         bar.close()
     sheet = video_io.contact_sheet([p[0] for p in previews], [p[1] for p in previews], columns=len(previews))
