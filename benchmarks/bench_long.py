@@ -7,13 +7,16 @@
     python benchmarks/bench_long.py --from-json benchmarks/results/bench_long.json   # tables only
 
 Every configuration (model x frame count) runs in a **fresh Python subprocess**, so its peak RSS is its own (the
-launching process imports only the standard library: Linux carries ``ru_maxrss`` across fork + exec). Inside it,
-untimed: load the model, warm up on 8 frames (invert + edit + decode). Timed: the streamed, resumable inversion
-into an on-disk cache (its source latents then read lazily), the edit (windowed keyframe attention, keyframe tokens
-offloaded to host memory) and the VAE decode, a batch at a time. Memory: peak RSS of the process
-(``VmHWM``/``ru_maxrss``) and its growth over the RSS after load + warm-up; ``torch.cuda.max_memory_allocated`` on
-CUDA. Seams: the flow-based warp error (``tokenflow.metrics.warp_errors``, DIS flow on the source) of each frame
-pair, averaged separately over the pairs that straddle a position where a chunked approach would cut (every
+launching process imports only the standard library). Inside it, untimed: load the model, generate the clip and
+write it losslessly (FFV1 .mkv), warm up with an 8-frame run. Timed and measured: one ``tokenflow edit`` run through
+the library's runner (``tokenflow.runner.edit_video``), exactly what the command does: stream the clip's frames
+into the on-disk frame store, invert into the on-disk cache (streamed, resumable, with the reconstruction check;
+the source latents then read lazily), edit (windowed keyframe attention, the keyframe pass in calls of
+``--keyframe-batch`` keyframes, keyframe tokens dropped once propagated), decode and write edited/source/side-by-side
+H.264 videos a batch at a time. Memory: the peak RSS of that run (Linux ``VmHWM`` reset just before it), shown with
+the RSS at its start; ``torch.cuda.max_memory_allocated`` on CUDA. Seams: the flow-based warp error
+(``tokenflow.metrics.warp_errors``, DIS flow on the source) of each frame pair of the written ``edited.mp4``,
+averaged separately over the pairs that straddle a position where a chunked approach would cut (every
 ``batch_size * keyframe_window`` frames) and over all other pairs; with ``--chunked`` the same clip is also edited
 chunk by chunk (independent edits of ``batch_size * keyframe_window`` frames) for comparison.
 
@@ -36,45 +39,29 @@ from common import MID_KWARGS, QUIET_ENV, machine_info, peak_rss_mb
 HERE = Path(__file__).resolve().parent
 MICRO_DIR = HERE / "micro_model"  # the micro *trained* model (see its README): it makes content decisions
 
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**10
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 # ------------------------------------------------------------------------------------------------ worker
 
 
-def _edit_config(spec: dict, **overrides):
-    """The EditConfig of a run; the long-video options go on the state until EditConfig carries them."""
-    import dataclasses
-    import functools
+def _run_options(spec: dict, clip: Path, out: Path, cache: Path):
+    """What ``tokenflow edit`` is given for this configuration."""
+    from tokenflow.runner import RunOptions
 
-    from tokenflow import editor as editor_module
-    from tokenflow.attention import TokenFlowState
-    from tokenflow.editor import EditConfig
-
-    options = dict(keyframe_window=spec["keyframe_window"], anchors=spec["anchors"], offload_cache=spec["offload"])
-    fields = {f.name for f in dataclasses.fields(EditConfig)}
-    carried = {k: v for k, v in options.items() if k in fields}
-    if len(carried) < len(options):
-        state_options = {k: v for k, v in options.items() if k not in fields}
-        editor_module.TokenFlowState = functools.partial(TokenFlowState, **state_options)
-    values = dict(prompt=spec["prompt"], negative_prompt="", inversion_prompt=spec.get("inversion_prompt", ""),
-                  steps=spec["steps"], guidance_scale=7.5, batch_size=spec["batch_size"], seed=0)
-    values.update(carried)
-    values.update(overrides)
-    return EditConfig(**values)
+    window, batch = spec["keyframe_window"], spec["keyframe_batch"]
+    return RunOptions(
+        video=clip, prompt=spec["prompt"], out=out, model=spec["model_path"],
+        inversion_prompt=spec.get("inversion_prompt", ""), negative_prompt="", size=spec["size"],
+        steps=spec["steps"], inversion_steps=spec["inversion_steps"], batch_size=spec["batch_size"], seed=0,
+        device=spec["device"], dtype=spec["dtype"], cache_dir=cache, quiet=True,
+        keyframe_window="full" if window is None else str(window), anchors=spec["anchors"], keyframe_batch=str(batch),
+    )
 
 
 def run_worker(spec_path: Path) -> None:
     """One configuration in its own process: writes ``result.json`` next to the spec."""
     spec = json.loads(Path(spec_path).read_text())
     result: dict = {"spec": spec}
+    import gc
+
     import numpy as np
     import torch
 
@@ -86,9 +73,10 @@ def run_worker(spec_path: Path) -> None:
     except Exception:  # noqa: BLE001
         pass
     from tokenflow import TokenFlowEditor, load_model
-    from tokenflow.inversion import InversionCache
+    from tokenflow.memory import PeakMemory
     from tokenflow.metrics import warp_errors
-    from tokenflow.video import pan_frames
+    from tokenflow.runner import edit_video, invert_video
+    from tokenflow.video import VideoWriter, load_frames, pan_frames
 
     model = load_model(spec["model_path"], device=spec["device"], dtype=spec["dtype"])
     device = model.device
@@ -107,67 +95,69 @@ def run_worker(spec_path: Path) -> None:
         spec.update(prompt=edits(scene)[1]["prompt"], inversion_prompt=scenes.caption(scene))
     else:
         frames = pan_frames(num_frames=spec["frames"], width=spec["size"], height=spec["size"], shift=spec["shift"])
-    bs = spec["batch_size"]
+
+    def write_clip(path: Path, clip: np.ndarray) -> Path:  # lossless FFV1: the exact frames, exact motion
+        with VideoWriter(path, 24, clip.shape[2], clip.shape[1], codec="ffv1") as writer:
+            for frame in clip:
+                writer.write(frame)
+        return path
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def invert(clip, cache_dir):
-        return editor.invert(torch.from_numpy(clip), inversion_prompt=spec.get("inversion_prompt", ""),
-                             steps=spec["steps"], inversion_steps=spec["inversion_steps"], batch_size=bs,
-                             cache=None if spec.get("in_memory") else InversionCache(cache_dir), reconstruct=False,
-                             progress=False)
-
-    def decode(latents):
-        return torch.cat([model.decode_latents(latents[i : i + bs]) for i in range(0, len(latents), bs)]).numpy()
-
-    with tempfile.TemporaryDirectory() as cache_dir:
-        warm = invert(frames[:8], cache_dir)  # untimed warm-up through the same code paths
-        decode(editor.edit(warm, _edit_config(spec), progress=False).latents)
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        cache = work / "cache"
+        # untimed warm-up through the same code paths
+        edit_video(_run_options(spec, write_clip(work / "warm.mkv", frames[:8]), work / "warm", cache), editor)
+        clip = write_clip(work / "clip.mkv", frames)
+        np.save(work / "frames.npy", frames)
+        del frames  # the run reads the clip file, as a user's run does
+        gc.collect()
+        options = _run_options(spec, clip, work / "out", cache)
         sync()
-        result["rss_after_load_mb"] = _status_mb("VmRSS")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-
         started = time.perf_counter()
-        source = invert(frames, cache_dir)
-        sync()
-        result["invert_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        out = editor.edit(source, _edit_config(spec), progress=False)
-        sync()
-        result["edit_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        edited = decode(out.latents)
-        sync()
-        result["decode_s"] = time.perf_counter() - started
-        result["peak_rss_mb"] = peak_rss_mb()
-        result["vm_hwm_mb"] = _status_mb("VmHWM")
+        with PeakMemory() as memory:
+            run = edit_video(options, editor)
+            sync()
+        result["wall_s"] = time.perf_counter() - started
+        result["rss_after_load_mb"] = memory.baseline / 2**20
+        result["peak_rss_mb"] = memory.peak / 2**20
+        result["peak_exact"] = memory.exact
         if device.type == "cuda":
             result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             result["gpu"] = torch.cuda.get_device_name(device)
-        result["unet_frame_evaluations"] = int(out.unet_frame_evaluations)
-        result["keyframes_per_step"] = len(out.keyframes[0]) if out.keyframes else 0
+        timings = run.report["timings"]
+        result["read_s"], result["invert_s"] = timings["read"], timings["inversion"]
+        result["edit_s"], result["decode_s"] = timings["edit"], timings["decode_write"]
+        result["unet_frame_evaluations"] = int(run.report["unet_frame_evaluations"])
+        result["keyframes_per_step"] = len(run.report["keyframes"][0]) if run.report["keyframes"] else 0
+        result["width"], result["height"] = run.width, run.height
 
+        frames = np.load(work / "frames.npy")
+        edited, _ = load_frames(run.out_dir / "edited.mp4")
         chunked = None
         if spec["chunked"]:
             # the comparison: independent edits of consecutive chunks, concatenated
+            source = invert_video(options, editor)  # the cached inversion
+            config = options.edit_config()
             period = spec["cut_period"]
             parts = []
             for start in range(0, spec["frames"], period):
                 stop = min(start + period, spec["frames"])
                 part = type(source)(clean=source.clean[start:stop],
                                     noisy={t: v[start:stop] for t, v in source.noisy.items()})
-                parts.append(editor.edit(part, _edit_config(spec), progress=False).latents)
-            chunked = decode(torch.cat(parts))
+                latents = editor.edit(part, config, progress=False).latents
+                parts += [model.decode_latents(latents[i : i + 8]) for i in range(0, len(latents), 8)]
+            chunked = torch.cat(parts).numpy()
 
-    total = result["invert_s"] + result["edit_s"] + result["decode_s"]
+    total = result["read_s"] + result["invert_s"] + result["edit_s"] + result["decode_s"]
     result["seconds_per_frame"] = total / spec["frames"]
     result["device"] = str(device)
     result["dtype"] = str(model.dtype).replace("torch.", "")
-    result["latent_shape"] = list(out.latents.shape)
-    result["height"], result["width"] = int(frames.shape[1]), int(frames.shape[2])
 
     started = time.perf_counter()
     period = spec["cut_period"]
@@ -228,10 +218,10 @@ def tables(report: dict) -> str:
         f"{m.get('memory_gb')} GB RAM, torch {m['torch']} with {m['threads']} thread(s), device `{m['device']}`; "
         f"load average at start {m['load_average_at_start']}. Total wall time {report['wall_s']:.0f} s.",
         "",
-        "| model | frames | size | keyframes/step | window (anchors) [inversion] | inversion (s) | edit (s) | decode (s) "
-        "| s / frame | peak RSS (MB) [after load] | growth (MB) | warp error at cuts | elsewhere | source floor "
-        "cuts / elsewhere |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | frames | size | keyframes/step | window (anchors) / keyframes per call | read + inversion (s) "
+        "| edit (s) | decode + write (s) | s / frame | peak RSS (MB) [at start] | growth (MB) | device peak (MB) "
+        "| warp error at cuts | elsewhere | source floor cuts / elsewhere |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         s = r["spec"]
@@ -239,15 +229,13 @@ def tables(report: dict) -> str:
             lines.append(f"| {s['model']} | {s['frames']} | {s['size']} | failed: {r['error'][:80]} |")
             continue
         tf, floor = r["tokenflow"], r["source_floor"]
-        growth = r["peak_rss_mb"] - r["rss_after_load_mb"] if r.get("rss_after_load_mb") else None
+        growth = r["peak_rss_mb"] - r["rss_after_load_mb"]
         lines.append(
-            f"| {s['model']} | {s['frames']} | {r.get('width', s['size'])}x{r.get('height', s['size'])} | "
-            f"{r['keyframes_per_step']} | "
-            f"{s['keyframe_window'] or 'full'} ({s['anchors']}){' in-memory' if s.get('in_memory') else ''} | "
-            f"{r['invert_s']:.1f} | {r['edit_s']:.1f} | "
-            f"{r['decode_s']:.1f} | "
-            f"{r['seconds_per_frame']:.3f} | {r['peak_rss_mb']:.0f} [{_fmt(r.get('rss_after_load_mb'), 0)}] | "
-            f"{_fmt(growth, 0)} | {_fmt(tf['warp_cut'])} | {_fmt(tf['warp_elsewhere'])} | "
+            f"| {s['model']} | {s['frames']} | {r['width']}x{r['height']} | {r['keyframes_per_step']} | "
+            f"{s['keyframe_window'] or 'full'} ({s['anchors']}) / {s['keyframe_batch']} | "
+            f"{r['read_s'] + r['invert_s']:.1f} | {r['edit_s']:.1f} | {r['decode_s']:.1f} | "
+            f"{r['seconds_per_frame']:.3f} | {r['peak_rss_mb']:.0f} [{r['rss_after_load_mb']:.0f}] | {growth:.0f} | "
+            f"{_fmt(r.get('cuda_peak_mb'), 0)} | {_fmt(tf['warp_cut'])} | {_fmt(tf['warp_elsewhere'])} | "
             f"{_fmt(floor['warp_cut'])} / {_fmt(floor['warp_elsewhere'])} |"
         )
     chunked = [r for r in report["runs"] if r.get("chunked")]
@@ -278,10 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inversion-steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--keyframe-window", default="2", help="a number of keyframes, or full")
-    parser.add_argument("--in-memory", action="store_true",
-                        help="baseline: invert without a cache (all source latents in memory)")
+    parser.add_argument("--keyframe-batch", default="4", help="keyframes per keyframe-pass call: a number, auto or all")
     parser.add_argument("--anchors", type=int, default=1)
-    parser.add_argument("--no-offload", action="store_true", help="keep keyframe tokens on the device")
     parser.add_argument("--chunked", nargs="*", type=int, default=[],
                         help="frame counts at which to also edit chunk by chunk, for comparison")
     parser.add_argument("--prompt", default="a robot")
@@ -323,8 +309,8 @@ def main(argv: list[str] | None = None) -> None:
             for n in counts:
                 spec = dict(model=name, model_path=prepared["models"][name], frames=n, size=size, shift=args.shift,
                             steps=steps, inversion_steps=inversion_steps, batch_size=bs,
-                            keyframe_window=window, anchors=args.anchors, offload=not args.no_offload,
-                            in_memory=args.in_memory, cut_period=bs * (window or 2), chunked=n in args.chunked,
+                            keyframe_window=window, anchors=args.anchors, keyframe_batch=args.keyframe_batch,
+                            cut_period=bs * (window or 2), chunked=n in args.chunked,
                             micro_seed=args.micro_seed, prompt=args.prompt, device=args.device, dtype=args.dtype,
                             threads=args.threads)
                 run_dir = work / f"{name}-{n}"

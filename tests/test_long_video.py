@@ -483,90 +483,83 @@ def test_a_partial_file_that_does_not_match_is_started_over(model, frames, tmp_p
 
 # -- host memory on a long clip ----------------------------------------------------------------------------------
 
-MEMORY_SIZE, MEMORY_STEPS, MEMORY_KEYFRAMES, MEMORY_FRAMES = 128, 14, 8, 48
+MEMORY_SIZE, MEMORY_STEPS, MEMORY_FRAMES = 128, 8, 96
 
 
-def _memory_worker(model_dir: str, num_frames: int, size: int, steps: int, keyframes: int) -> dict:
-    """Invert (through a cache, so streamed and lazy) and edit 2 steps; peak RSS growth of each phase over the
-    RSS before the inversion."""
+def _memory_worker(model_dir: str, num_frames: int, size: int, steps: int) -> dict:
+    """``tokenflow edit`` (the runner: read, stage, invert through a cache with the reconstruction check, 2 edit
+    steps, decode, write three videos) of a ``num_frames`` clip; the peak RSS growth of the whole run over the
+    RSS before it, after a warm-up run of 16 frames (so one-time allocations are in the baseline)."""
     import tempfile
 
     from tokenflow.memory import PeakMemory
+    from tokenflow.runner import RunOptions, edit_video
+    from tokenflow.video import make_pan_clip
 
     torch.set_num_threads(1)
-    model = load_model(model_dir, device="cpu", dtype="float32")
-    clip = torch.from_numpy(pan_frames(num_frames=num_frames, width=size, height=size, shift=1))
-    patch = pytest.MonkeyPatch()
+    editor = TokenFlowEditor(load_model(model_dir, device="cpu", dtype="float32"))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
 
-    def config(n: int) -> EditConfig:
-        chosen = [round((i + 0.5) * n / keyframes) for i in range(keyframes)]
-        return _long_config(patch, keyframe_window=2, anchors=1, offload_cache=True, steps=steps, batch_size=8,
-                            mode="sdedit", strength=2 / steps, keyframes=[chosen] * 2)
+        def options(n: int) -> RunOptions:
+            clip = root / f"clip-{n}.mp4"
+            make_pan_clip(clip, num_frames=n, width=size, height=size, shift=1, fps=24, audio=True)
+            return RunOptions(
+                video=clip, prompt="a robot", out=root / f"out-{n}", size=size, steps=steps, inversion_steps=steps,
+                batch_size=8, mode="sdedit", strength=2 / steps, keyframe_window="1", anchors=1, keyframe_batch="2",
+                cache_dir=root / "cache", quiet=True,
+            )
 
-    def invert(frames: torch.Tensor, cache_dir: str) -> SourceLatents:
-        return invert_frames(model, frames, steps=steps, inversion_steps=steps, batch_size=8, reconstruct=False,
-                             progress=False, cache=InversionCache(cache_dir))
-
-    def edit(src: SourceLatents):
-        return TokenFlowEditor(model).edit(src, config(src.clean.shape[0]), progress=False)
-
-    with tempfile.TemporaryDirectory() as warm, tempfile.TemporaryDirectory() as cache_dir:
-        edit(invert(clip[:16], warm))  # the same code paths once, so one-time allocations are in the baseline
-        with PeakMemory() as inversion:
-            src = invert(clip, cache_dir)
-        with PeakMemory() as editing:  # what the inversion left behind counts: growth from the same baseline
-            out = edit(src)
+        edit_video(options(16), editor)
+        run = options(num_frames)
+        with PeakMemory() as peak:
+            result = edit_video(run, editor)
     return dict(
         frames=num_frames,
-        inversion=inversion.growth,
-        edit=max(0, editing.peak - inversion.baseline),
-        exact=inversion.exact and editing.exact,
-        latent_bytes=out.latents[0].numel() * out.latents.element_size(),
+        growth=peak.growth,
+        exact=peak.exact,
+        latent_bytes=4 * (size // 8) ** 2 * 4,
+        frame_bytes=size * size * 3,
+        keyframes_per_step=len(result.report["keyframes"][0]),
     )
 
 
-def test_host_memory_beyond_the_per_frame_latents_does_not_grow_with_the_video(tiny_model_dir):
-    """Invert + 2 edit steps of N and 4N frames (48 and 192, 128x128, 15 saved timesteps), each in a fresh process;
-    the peak RSS of the inversion and of the edit, over the RSS before the inversion (so what it keeps counts).
+def test_host_memory_of_a_whole_edit_beyond_the_per_frame_latents_does_not_grow_with_the_video(tiny_model_dir):
+    """``edit_video`` on clips of N and 4N frames (96 and 384, 128x128, 9 saved timesteps, a keyframe every 8
+    frames: 12 and 48 keyframes per step), each in a fresh process: the peak RSS growth of the whole run. N is
+    past the frames the H.264 encoders buffer (their lookahead), whose memory is constant from there on.
 
     Unavoidable, growing with the number of frames N, ``l`` bytes per frame each (a 4x16x16 float32 latent):
     the full-length latent arrays the editor holds at its peak, at most ``A = 6``: the clean latents, the start
     noise it derives from the noisiest source latents (kept), the edited latents x, the next step's x, and two
-    full-length temporaries while the start latent is formed. The input frames exist before the measurement.
-    Must not grow with N (and would in an in-memory design): the source latents at every saved timestep (``T = 15``
-    arrays, twice while the in-memory inversion concatenates them), decoded frames, anything per frame and per
-    step. What grows with the number of *keyframes* is the method's own cost, O(N / batch_size): the keyframe pass
-    is one UNet call over all keyframes and propagation needs all their stored tokens; both clips are edited with
-    the same 8 keyframes to hold it equal.
+    full-length temporaries while the start latent is formed.
+    Must not grow with N (and would in an in-memory design): the frames (``f`` = 48 KiB each, 12 l), read once
+    and used by the inversion and the writers; the source latents at every saved timestep (``T = 9`` arrays);
+    the decoded frames; the keyframe pass (one UNet call over all keyframes) and the keyframe tokens the
+    propagation blends (both O(N / batch size)); here the pass runs in calls of 2 keyframes plus context.
 
-    So, per phase: ``peak(4N) - peak(N) <= 3N * A * l + 2 MB`` (allocator noise measured within +-0.5 MB; the
-    edit grew 2.5-3.9 MB here, 6 * 3N * l = 3.5 MB). Keeping the source latents in memory adds at least
-    ``3N * T * l`` = 8.8 MB on top (that design grew by 10.8 MB here), which the bound excludes.
+    So ``growth(4N) - growth(N) <= 3N * A * l + 2 MB`` = 9.1 MB (measured here: 5.8 MB), while keeping the frames
+    once adds ``3N * f`` = 14 MB and the source latents ``3N * T * l`` = 10.6 MB.
     """
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux's resettable peak RSS")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
-    args = [str(tiny_model_dir), str(MEMORY_SIZE), str(MEMORY_STEPS), str(MEMORY_KEYFRAMES)]
-    procs = [
-        subprocess.Popen([sys.executable, __file__, args[0], str(n), *args[1:]], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-        for n in (MEMORY_FRAMES, 4 * MEMORY_FRAMES)
-    ]
+    args = [str(tiny_model_dir), str(MEMORY_SIZE), str(MEMORY_STEPS)]
     results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    for n in (MEMORY_FRAMES, 4 * MEMORY_FRAMES):  # one after the other: two at once would share 2 cores
+        proc = subprocess.run([sys.executable, __file__, args[0], str(n), *args[1:]], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     small, large = results
     assert small["exact"] and large["exact"]
+    assert (small["keyframes_per_step"], large["keyframes_per_step"]) == (12, 48)
     extra_frames = large["frames"] - small["frames"]
-    latent = small["latent_bytes"]  # 4 x 16 x 16 float32 = 4 KiB
-    saved_timesteps = MEMORY_STEPS + 1
+    latent, frame = small["latent_bytes"], small["frame_bytes"]
     bound = extra_frames * 6 * latent + 2e6
-    assert bound < extra_frames * saved_timesteps * latent  # what keeping the source latents in memory adds
-    for phase in ("inversion", "edit"):
-        grown = large[phase] - small[phase]
-        assert grown <= bound, (phase, small, large, grown, bound)
+    assert bound < extra_frames * frame and bound < extra_frames * (MEMORY_STEPS + 1) * latent
+    grown = large["growth"] - small["growth"]
+    assert grown <= bound, (small, large, grown, bound)
 
 
 if __name__ == "__main__":
