@@ -366,6 +366,8 @@ BAD_INPUTS = [
     ("model-missing", dict(model="{missing_model}"), "--model"),
     ("model-not-diffusers", dict(model="{not_model}"), "--model"),
     ("steps-0", dict(extra=["--steps", "0"]), "--steps"),
+    ("keyframe-window", dict(extra=["--keyframe-window", "wide"]), "--keyframe-window"),
+    ("keyframe-batch-0", dict(extra=["--keyframe-batch", "0"]), "--keyframe-batch"),
 ]
 
 

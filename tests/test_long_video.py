@@ -254,6 +254,22 @@ def test_keyframe_pass_in_calls_equals_one_call_when_keyframes_only_share_anchor
     assert (split.latents - one.latents).abs().max() < 0.1 * one.latents.abs().max()
 
 
+def test_the_command_edits_with_a_split_keyframe_pass(tiny_model_dir, pan_clip, tmp_path):
+    from tokenflow.cli import main
+    from tokenflow.video import probe
+
+    out = tmp_path / "out"
+    rc = main(["edit", str(pan_clip), "--prompt", "a robot", "--model", str(tiny_model_dir), "--out", str(out),
+               "--size", "64", "--steps", "2", "--inversion-steps", "2", "--batch-size", "2", "--keyframe-window", "1",
+               "--keyframe-batch", "2", "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert rc == 0
+    report = json.loads((out / "run.json").read_text())
+    assert report["parameters"]["keyframe_batch"] == "2" and len(report["keyframes"][0]) == 5
+    assert probe(out / "edited.mp4").num_frames == 10
+    assert sorted(p.name for p in out.iterdir()) == ["edited.mp4", "preview.png", "run.json", "side_by_side.mp4",
+                                                      "source.mp4"]  # the staged frames are gone
+
+
 # -- keyframe token cache in host memory ------------------------------------------------------------------------
 
 
@@ -463,6 +479,36 @@ def test_an_interrupted_inversion_resumes_where_it_stopped_and_ends_bit_identica
     in_memory = invert_frames(model, frames, **kwargs)
     assert all(torch.equal(in_memory.noisy[t], reference.noisy[t].load()) for t in reference.noisy)
     assert in_memory.reconstruction_psnr == reference.reconstruction_psnr
+
+
+def test_an_inversion_interrupted_inside_a_batch_continues_from_its_last_checkpointed_timestep(
+    model, frames, tmp_path, monkeypatch
+):
+    kwargs = dict(steps=3, inversion_steps=6, batch_size=3, reconstruct=False, progress=False)
+    grid, save = inversion_grid(model, 3, 6)
+    g = len(grid)
+    reference = invert_frames(model, frames, **kwargs)  # in memory, uninterrupted
+    monkeypatch.setattr(InversionCache, "checkpoint_seconds", 0.0)  # checkpoint at every saved timestep
+    cache = InversionCache(tmp_path)
+    key = InversionCache.key(frames, model, "", grid, save)
+    calls, handle = _count_unet_calls(model, limit=g + g - 2)  # killed two steps before the 2nd batch's end
+    try:
+        with pytest.raises(_Interrupt):
+            invert_frames(model, frames, cache=cache, **kwargs)
+    finally:
+        handle.remove()
+    state = json.loads(cache.progress_path(key).read_text())
+    assert state["inverted"] == [[0, 3]]
+    a, z, t = state["current"]
+    assert (a, z) == (3, 6) and t in save and grid.index(t) < g - 2
+    calls, handle = _count_unet_calls(model)
+    try:
+        resumed = invert_frames(model, frames, cache=cache, **kwargs)
+    finally:
+        handle.remove()
+    assert calls[0] == g - (grid.index(t) + 1)  # only the rest of the second batch's chain
+    assert torch.equal(resumed.clean, reference.clean)
+    assert all(torch.equal(resumed.noisy[s].load(), reference.noisy[s]) for s in save)
 
 
 def test_a_partial_file_that_does_not_match_is_started_over(model, frames, tmp_path):

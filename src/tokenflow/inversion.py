@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -450,15 +451,20 @@ def _invert_batch(
     save: list[int],
     on_saved: Callable[[int, torch.Tensor], None],
     on_step: Callable[[int], None] | None = None,
+    resume: tuple[int, torch.Tensor] | None = None,
 ) -> None:
     """DDIM-invert one batch of latents along ``grid``; ``on_saved(t, x)`` receives each saved timestep's latents
-    (CPU, float32) as soon as they exist."""
+    (CPU, float32) as soon as they exist. ``resume=(t, x_t)``: continue from the latents at grid timestep ``t``
+    (a deterministic chain: the same numbers as an uninterrupted run)."""
     scheduler = model.make_scheduler()
     alphas = scheduler.alphas_cumprod
     saved = set(save)
-    x = latents.to(model.device, torch.float32)
+    first = 0 if resume is None else grid.index(resume[0]) + 1
+    x = (latents if resume is None else resume[1]).to(model.device, torch.float32)
     text = cond.rows([0] * x.shape[0])
     for i, t in enumerate(grid):
+        if i < first:
+            continue
         a_t = alphas[t].to(model.device)
         a_prev = (alphas[grid[i - 1]] if i > 0 else scheduler.final_alpha_cumprod).to(model.device)
         out = model.predict(x, t, text)
@@ -619,9 +625,13 @@ class InversionCache:
     """Inverted latents on disk as safetensors, keyed by a content hash.
 
     Finished entries (``<key>.safetensors``) appear atomically (rename) and load lazily. An inversion in progress
-    lives in ``<key>.partial`` + ``<key>.progress.json`` and resumes from its last finished batch; a lock file
-    (``<key>.lock``) keeps two processes from working on the same key at once.
+    lives in ``<key>.partial`` + ``<key>.progress.json`` and resumes from its last checkpoint: the end of a batch
+    of frames, or, inside a batch, the last saved timestep once ``checkpoint_seconds`` have passed since the
+    previous checkpoint (so an interruption loses at most that much work). A lock file (``<key>.lock``) keeps two
+    processes from working on the same key at once.
     """
+
+    checkpoint_seconds: float = 30.0
 
     def __init__(self, root: str | Path | None = None):
         if root is None:
@@ -725,8 +735,10 @@ class InversionCache:
 
         A batch's clean latents and its latents at every saved timestep go straight to ``<key>.partial``; when the
         batch is done the file is synced and the batch recorded in ``<key>.progress.json``, so a rerun after an
-        interruption (any exception, a kill, a crash) skips it. Batches are those of an uninterrupted run, so
-        the result is the same, bit for bit. Returns :meth:`load` of the finished entry.
+        interruption (any exception, a kill, a crash) skips it; inside a batch, a saved timestep is recorded the
+        same way every ``checkpoint_seconds``, and a rerun continues the batch's inversion from there. Batches are
+        those of an uninterrupted run and DDIM inversion is a deterministic chain, so the result is the same, bit
+        for bit. Returns :meth:`load` of the finished entry.
         """
         n = frames.shape[0]
         partial, progress_file = self.partial_path(key), self.progress_path(key)
@@ -745,14 +757,39 @@ class InversionCache:
             writer.open()
             todo = _todo(n, batch_size, state["inverted"])
             done_frames = n - sum(z - a for a, z in todo)
-            bar = tqdm(total=n * len(grid), initial=done_frames * len(grid), desc="inversion", unit="frame-step",
+            initial = done_frames * len(grid)
+            if state.get("current") is not None:
+                a, z, t = state["current"]
+                initial += (z - a) * (grid.index(t) + 1)
+            bar = tqdm(total=n * len(grid), initial=initial, desc="inversion", unit="frame-step",
                        disable=not progress)
             for a, z in todo:
-                clean = model.encode_frames(frames[a:z], batch_size)
-                writer.write("clean", a, clean)
-                _invert_batch(model, clean, cond, grid, save, lambda t, x, a=a: writer.write(f"t{t}", a, x), bar.update)
+                resume = None
+                current = state.get("current")
+                if current is not None and current[:2] == [a, z]:
+                    # interrupted inside this batch: continue from its last checkpointed timestep
+                    writer.sync()
+                    tensors, _ = _lazy_tensors(writer.path, lambda k: k == "clean" or k == f"t{current[2]}")
+                    clean = tensors["clean"][a:z]
+                    resume = (current[2], tensors[f"t{current[2]}"][a:z])
+                    logger.info("inversion: resuming frames %d-%d from timestep %d", a, z - 1, current[2])
+                else:
+                    clean = model.encode_frames(frames[a:z], batch_size)
+                    writer.write("clean", a, clean)
+                last = [time.monotonic()]
+
+                def on_saved(t: int, x: torch.Tensor, a=a, z=z, last=last) -> None:
+                    writer.write(f"t{t}", a, x)
+                    if time.monotonic() - last[0] >= self.checkpoint_seconds:
+                        writer.sync()
+                        state["current"] = [a, z, t]
+                        self._write_progress(progress_file, state)
+                        last[0] = time.monotonic()
+
+                _invert_batch(model, clean, cond, grid, save, on_saved, bar.update, resume=resume)
                 writer.sync()
                 state["inverted"].append([a, z])
+                state.pop("current", None)
                 self._write_progress(progress_file, state)
             bar.close()
             psnr_value = None
