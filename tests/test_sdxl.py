@@ -103,3 +103,11 @@ def test_a_single_file_checkpoint_is_recognised_as_sdxl_by_its_keys(tmp_path):
     save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, str(sd_file))
     assert _is_xl_checkpoint(str(xl_file), xl_file, None, True)
     assert not _is_xl_checkpoint(str(sd_file), sd_file, None, True)
+
+
+def test_the_keyframe_budget_counts_the_tokens_of_the_largest_attention_level(xl, tiny_model):
+    from tokenflow.editor import _attention_tokens
+
+    # SDXL's first block has no attention: its largest attention level is the latent downsampled once
+    assert _attention_tokens(xl, 128, 96) == 64 * 48
+    assert _attention_tokens(tiny_model, 64, 48) == 64 * 48

@@ -240,7 +240,7 @@ class TokenFlowEditor:
         schedule = make_schedule(config.keyframes, config.batch_size, config.seed)
         if generator is not None and isinstance(schedule, RandomKeyframes):
             schedule.generator = generator
-        tokens_per_frame = source.clean.shape[2] * source.clean.shape[3]
+        tokens_per_frame = _attention_tokens(model, source.clean.shape[2], source.clean.shape[3])
         window = config.resolve_keyframe_window(n_frames, tokens_per_frame)
         offload = config.offload_cache if config.offload_cache is not None else model.device.type != "cpu"
         state = TokenFlowState(keyframe_window=window, anchors=config.anchors, offload_cache=offload)
@@ -396,6 +396,14 @@ class _KeyframePlan:
             rows = [i for i, p in enumerate(positions) if a <= p < z]
             calls.append(_KeyframeCall(positions, rows, z))
         return calls
+
+
+def _attention_tokens(model: StableDiffusionModel, height: int, width: int) -> int:
+    """Tokens per frame of the UNet's largest self-attention level for ``height x width`` latents (SD attends at
+    full latent resolution, SDXL from the first downsampling on)."""
+    blocks = list(model.unet.config.down_block_types)
+    level = next((i for i, b in enumerate(blocks) if "CrossAttn" in b or "Attn" in b), 0)
+    return max(1, (height >> level) * (width >> level))
 
 
 def _check_keyframes(keyframes: list[int], n_frames: int, config: EditConfig) -> None:
