@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +269,20 @@ def test_the_command_edits_with_a_split_keyframe_pass(tiny_model_dir, pan_clip, 
     assert probe(out / "edited.mp4").num_frames == 10
     assert sorted(p.name for p in out.iterdir()) == ["edited.mp4", "preview.png", "run.json", "side_by_side.mp4",
                                                       "source.mp4"]  # the staged frames are gone
+
+
+def test_editing_progress_counts_frames_with_a_rate_and_an_eta(model, source16, capsys):
+    TokenFlowEditor(model).edit(source16, _config(batch_size=2, steps=3), progress=True)
+    err = capsys.readouterr().err
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    # 3 steps x 16 frames, a rate in frames and elapsed<remaining
+    assert final.startswith("editing: 100%") and "48/48" in final and "step 3/3" in final, final
+    assert re.search(r"\d+:\d+<\d+:\d+, +[\d.]+(frame/s|s/frame)", final), final
+    invert_frames(model, pan_frames(num_frames=5, width=64, height=64, shift=3), steps=3, inversion_steps=6,
+                  reconstruct=False, progress=True)
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("inversion: 100%") and "| 5/5 frames [" in final, final
+    assert re.search(r"\d+:\d+<\d+:\d+, +[\d.]+(frame/s|s/frame)", final), final
 
 
 # -- keyframe token cache in host memory ------------------------------------------------------------------------

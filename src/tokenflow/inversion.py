@@ -477,6 +477,13 @@ def _invert_batch(
             on_step(x.shape[0])
 
 
+def _inversion_bar(frames: int, steps: int, initial: int, progress: bool) -> tqdm:
+    """Progress updated per frame and inversion step, shown in frames (frames/s, ETA)."""
+    return tqdm(total=frames * steps, initial=initial, desc="inversion", unit="frame", unit_scale=1 / steps,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} frames [{elapsed}<{remaining}, {rate_fmt}]",
+                disable=not progress)
+
+
 @torch.no_grad()
 def ddim_invert(
     model: StableDiffusionModel,
@@ -495,7 +502,7 @@ def ddim_invert(
     memory (:func:`invert_frames` with a cache streams them to disk instead).
     """
     saved: dict[int, list[torch.Tensor]] = {t: [] for t in save}
-    bar = tqdm(total=latents.shape[0] * len(grid), desc="inversion", unit="frame-step", disable=not progress)
+    bar = _inversion_bar(latents.shape[0], len(grid), 0, progress)
     for start in range(0, latents.shape[0], batch_size):
         batch = latents[start : start + batch_size]
         _invert_batch(model, batch, cond, grid, save, lambda t, x: saved[t].append(x), bar.update)
@@ -761,8 +768,7 @@ class InversionCache:
             if state.get("current") is not None:
                 a, z, t = state["current"]
                 initial += (z - a) * (grid.index(t) + 1)
-            bar = tqdm(total=n * len(grid), initial=initial, desc="inversion", unit="frame-step",
-                       disable=not progress)
+            bar = _inversion_bar(n, len(grid), initial, progress)
             for a, z in todo:
                 resume = None
                 current = state.get("current")
