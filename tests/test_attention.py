@@ -163,6 +163,18 @@ def test_linear_neighbours_use_the_real_keyframes_around_each_frame():
     assert prev == [0, 0, 0, 1, 1, 2]
     assert nxt == [0, 0, 1, 1, 2, 2]
     assert w == [1.0, 1.0, 0.75, 1.0, 0.75, 1.0]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # against the definition, on random keyframe sets
+        keyframes = sorted(torch.randperm(40, generator=g)[: int(torch.randint(1, 12, (1,), generator=g))].tolist())
+        prev, nxt, w = linear_neighbors(list(range(40)), keyframes)
+        for f in range(40):
+            before = [j for j, k in enumerate(keyframes) if k <= f]
+            after = [j for j, k in enumerate(keyframes) if k >= f]
+            j_next = after[0] if after else before[-1]
+            j_prev = before[-1] if before else j_next
+            assert (prev[f], nxt[f]) == (j_prev, j_next)
+            span = keyframes[j_next] - keyframes[j_prev]
+            assert w[f] == (1.0 if span == 0 else (f - keyframes[j_prev]) / span)
 
 
 def test_reference_neighbours_reproduce_the_sigmoid_weights():

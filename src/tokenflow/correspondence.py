@@ -6,6 +6,8 @@ the nearest-neighbour field of the *source* video's self-attention input tokens.
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 __all__ = [
@@ -46,11 +48,12 @@ def linear_neighbors(frames: list[int], keyframes: list[int]) -> tuple[list[int]
     keyframe takes that keyframe alone, and a keyframe is its own neighbour with weight 1.
     """
     prev, nxt, weights = [], [], []
+    last = len(keyframes) - 1
     for f in frames:
-        after = [j for j, k in enumerate(keyframes) if k >= f]
-        before = [j for j, k in enumerate(keyframes) if k <= f]
-        j_next = after[0] if after else before[-1]
-        j_prev = before[-1] if before else j_next
+        first_after = bisect.bisect_left(keyframes, f)  # first keyframe >= f
+        last_before = bisect.bisect_right(keyframes, f) - 1  # last keyframe <= f
+        j_next = first_after if first_after <= last else last_before
+        j_prev = last_before if last_before >= 0 else j_next
         k_prev, k_next = keyframes[j_prev], keyframes[j_next]
         w = 1.0 if k_next == k_prev else (f - k_prev) / (k_next - k_prev)
         prev.append(j_prev)
