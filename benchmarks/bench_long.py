@@ -152,7 +152,11 @@ def run_worker(spec_path: Path) -> None:
                                     noisy={t: v[start:stop] for t, v in source.noisy.items()})
                 latents = editor.edit(part, config, progress=False).latents
                 parts += [model.decode_latents(latents[i : i + 8]) for i in range(0, len(latents), 8)]
-            chunked = torch.cat(parts).numpy()
+            # encoded like the runner's edited.mp4, so both are measured after the same H.264 round trip
+            with VideoWriter(work / "chunked.mp4", 24, run.width, run.height) as writer:
+                for frame in torch.cat(parts).numpy():
+                    writer.write(frame)
+            chunked, _ = load_frames(work / "chunked.mp4")
 
     total = result["read_s"] + result["invert_s"] + result["edit_s"] + result["decode_s"]
     result["seconds_per_frame"] = total / spec["frames"]
