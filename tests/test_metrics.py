@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -239,23 +237,23 @@ def test_report_summary_json_table_and_plot(pan, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_evaluate_files_reads_run_folder(pan, tmp_path, monkeypatch):
+def test_evaluate_files_reads_run_folder(pan, tmp_path):
+    from tokenflow.video import load_frames, write_video
+
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"prompt": "an astronaut", "inversion_psnr": 30.0}))
-    (run / "source.mp4").write_bytes(b"")
-    (run / "edited.mp4").write_bytes(b"")
-    videos = {run / "source.mp4": pan, run / "edited.mp4": pan[:, :, ::-1].copy()}
-    read = []
-
-    def load_frames(path, start=0, stride=1, max_frames=None):
-        read.append(path)
-        return videos[path][:max_frames], None
-
-    monkeypatch.setitem(sys.modules, "tokenflow.video", types.SimpleNamespace(load_frames=load_frames))
-    report = metrics.evaluate_files(run)
-    assert read == [run / "source.mp4", run / "edited.mp4"]
+    write_video(run / "source.mp4", pan, fps=10)
+    write_video(run / "edited.mp4", pan[:, :, ::-1].copy(), fps=10)
+    report = metrics.evaluate_files(run, workdir=tmp_path)
     assert report.prompt == "an astronaut" and report.inversion_psnr == 30.0
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the staged frames are gone
+    # the files, staged and measured a window at a time, give what the decoded arrays give
+    source, _ = load_frames(run / "source.mp4")
+    edited, _ = load_frames(run / "edited.mp4")
+    in_memory = metrics.evaluate(source, edited)
+    for name in ("warp_error", "warp_error_source", "psnr", "ssim"):
+        np.testing.assert_array_equal(getattr(report, name), getattr(in_memory, name))
     report = metrics.evaluate_files(None, run, max_frames=4)
     assert report.frames == 4
 
@@ -265,6 +263,27 @@ def test_evaluate_files_reads_run_folder(pan, tmp_path, monkeypatch):
     with pytest.raises(InputError) as exc:
         metrics.evaluate_files(tmp_path / "nope.mp4", run / "edited.mp4")
     assert "nope.mp4" in one_line(exc)
+
+
+@pytest.mark.parametrize("gap", [1, 2])
+def test_evaluation_in_windows_equals_one_pass_with_truncation_and_resizing(pan, monkeypatch, tmp_path, gap):
+    import cv2
+
+    from tokenflow.framestore import FrameStore
+
+    rng = np.random.default_rng(gap)
+    edited = np.clip(pan.astype(int) + rng.integers(-20, 20, pan.shape), 0, 255).astype(np.uint8)
+    edited = np.stack([cv2.resize(f, (pan.shape[2] * 2, pan.shape[1] * 2)) for f in edited])[:-1]  # 2x, 1 frame short
+    whole = metrics.evaluate(pan, edited, gap=gap, align="truncate")
+    assert whole.frames == len(pan) - 1 and len(whole.notes) == 2  # truncated and resized
+    monkeypatch.setattr(metrics, "EVAL_WINDOW", 3)
+    for inputs in ((pan, edited), None):
+        if inputs is None:  # frames read on demand
+            inputs = tuple(FrameStore.write(tmp_path / f"{i}.rgb", iter(x)) for i, x in enumerate((pan, edited)))
+        windowed = metrics.evaluate(*inputs, gap=gap, align="truncate")
+        for name in ("warp_error", "warp_error_source", "psnr", "ssim"):
+            np.testing.assert_array_equal(getattr(windowed, name), getattr(whole, name))
+        assert windowed.notes == whole.notes
 
 
 # ----------------------------------------------------------------------------- CLIP

@@ -137,7 +137,7 @@ class TokenFlowState:
     ``offload_cache``: keep the stored :class:`KeyframeTokens` in host memory and move to the device only the
     keyframes a propagation batch uses; the results are identical.
 
-    Per keyframe call (set by the editor when it runs the keyframe pass in chunks): ``positions``, the positions
+    Per keyframe call (set by the editor when it splits the keyframe pass into several calls): ``positions``, the positions
     of the call's frames among the step's ``num_keyframes`` sorted keyframes (``None``: the call holds all of
     them, in order), which place the attention windows and anchors; ``store_rows``, the call's rows whose tokens
     go to the cache (``None``: all), stored under their positions.

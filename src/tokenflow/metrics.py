@@ -14,7 +14,8 @@ The same warp error measured on the source video itself is reported as the *floo
 perfect, so even an untouched video has a small warp error, and an edit cannot be expected to beat
 it. Structure preservation is reported as per-frame PSNR and SSIM of the edit against the source.
 
-All frame arguments are ``[N, H, W, 3]`` ``uint8`` RGB numpy arrays. :func:`evaluate` ties the
+All frame arguments are ``[N, H, W, 3]`` ``uint8`` RGB numpy arrays (or frames read on demand, e.g. a
+:class:`~tokenflow.framestore.FrameStore`). :func:`evaluate` ties the
 metrics together into an :class:`EvalReport`; :func:`evaluate_files` reads two videos (or a run
 folder) first.
 """
@@ -26,6 +27,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,9 @@ __all__ = [
 
 FLOW_METHODS = ("dis", "farneback", "raft")
 
+#: Frames :func:`evaluate` reads and measures at a time.
+EVAL_WINDOW = 64
+
 #: PSNR assigned to identical frames inside an :class:`EvalReport` so that means stay finite and the
 #: report stays valid JSON. :func:`psnr` itself returns ``inf`` for identical frames unless given a cap.
 PSNR_CAP_DB = 100.0
@@ -77,10 +82,13 @@ class ClipLoadError(InputError, ModelLoadError):
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_frames(frames: Any, name: str) -> np.ndarray:
-    """Return ``frames`` as an ``[N, H, W, 3]`` uint8 array or raise :class:`InputError`."""
-    arr = np.asarray(frames)
-    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] < 1:
+def _check_frames(frames: Any, name: str) -> Any:
+    """Return ``frames`` as an ``[N, H, W, 3]`` uint8 array or raise :class:`InputError`.
+
+    Frames read on demand (a :class:`~tokenflow.framestore.FrameStore`, anything with ``shape``, ``dtype`` and
+    slicing) are checked by their shape and returned as they are, so long videos are never loaded whole."""
+    arr = frames if _is_lazy(frames) else np.asarray(frames)
+    if len(arr.shape) != 4 or arr.shape[-1] != 3 or arr.shape[0] < 1:
         raise InputError(
             f"{name}: expected frames shaped [N, H, W, 3] (RGB), got shape {tuple(arr.shape)}; "
             "pass a video read with tokenflow.video.load_frames"
@@ -88,6 +96,39 @@ def _check_frames(frames: Any, name: str) -> np.ndarray:
     if arr.dtype != np.uint8:
         raise InputError(f"{name}: expected uint8 frames (0-255), got dtype {arr.dtype}; convert with .astype(np.uint8)")
     return arr
+
+
+def _is_lazy(frames: Any) -> bool:
+    return not isinstance(frames, np.ndarray) and all(hasattr(frames, a) for a in ("shape", "dtype", "__getitem__"))
+
+
+class _FrameView:
+    """The first ``count`` frames of ``base``, optionally resized to ``width x height``, read on demand."""
+
+    def __init__(self, base: Any, count: int, size: tuple[int, int] | None = None, interpolation: int = 0):
+        self.base, self.size, self.interpolation = base, size, interpolation
+        height, width = (base.shape[1], base.shape[2]) if size is None else (size[1], size[0])
+        self.shape = (count, height, width, base.shape[3])
+        self.dtype = np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, slice):
+            index = slice(*index.indices(self.shape[0]))
+        elif isinstance(index, (int, np.integer)) and not -self.shape[0] <= index < self.shape[0]:
+            raise IndexError(f"frame {index} out of range for {self.shape[0]} frames")
+        frames = np.asarray(self.base[index])
+        if self.size is None:
+            return frames
+        if frames.ndim == 3:
+            return cv2.resize(frames, self.size, interpolation=self.interpolation)
+        return np.stack([cv2.resize(f, self.size, interpolation=self.interpolation) for f in frames])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[0 : self.shape[0]]
+        return whole if dtype is None else whole.astype(dtype)
 
 
 def _check_image(image: Any, name: str) -> np.ndarray:
@@ -655,7 +696,7 @@ def _read_run_json(run_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _align(source: np.ndarray, edited: np.ndarray, align: str, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _align(source: Any, edited: Any, align: str, notes: list[str]) -> tuple[Any, Any]:
     if align not in ("refuse", "truncate"):
         raise InputError(f"--align {align}: unknown alignment; use refuse or truncate")
     ns, ne = source.shape[0], edited.shape[0]
@@ -668,7 +709,7 @@ def _align(source: np.ndarray, edited: np.ndarray, align: str, notes: list[str])
         msg = f"frame counts differ (source {ns}, edited {ne}); both truncated to {n}"
         logger.info(msg)
         notes.append(msg)
-        source, edited = source[:n], edited[:n]
+        source, edited = _FrameView(source, n), _FrameView(edited, n)
     hs, ws = source.shape[1:3]
     he, we = edited.shape[1:3]
     if (hs, ws) != (he, we):
@@ -679,7 +720,7 @@ def _align(source: np.ndarray, edited: np.ndarray, align: str, notes: list[str])
                 "evaluate an edit against the source it was made from"
             )
         interp = cv2.INTER_AREA if we * he > ws * hs else cv2.INTER_CUBIC
-        edited = np.stack([cv2.resize(f, (ws, hs), interpolation=interp) for f in edited])
+        edited = _FrameView(edited, edited.shape[0], (ws, hs), interp)  # resized as each window is read
         msg = f"edited frames resized from {we}x{he} to the source size {ws}x{hs}"
         logger.info(msg)
         notes.append(msg)
@@ -717,11 +758,24 @@ def evaluate(
     if flow == "raft":
         _raft_model()  # fail early, before any work, when RAFT is not available offline
 
-    logger.info("warp error: %d frames, gap %d, %s flow", source.shape[0], gap, flow)
-    err_edit, err_src = _warp_errors_many(source, [edited, source], gap, flow)
-    logger.info("PSNR / SSIM against the source")
-    p = psnr(source, edited, cap=PSNR_CAP_DB)
-    s = ssim(source, edited)
+    n = source.shape[0]
+    logger.info("warp error, PSNR / SSIM: %d frames, gap %d, %s flow", n, gap, flow)
+    # ``EVAL_WINDOW`` frames at a time (plus ``gap`` for the pairs that reach past a window): memory does not grow
+    # with the video, and every per-frame and per-pair number is the one a single pass would give
+    err_edit, err_src, p, s = [], [], [], []
+    for a in range(0, n, EVAL_WINDOW):
+        b = min(a + EVAL_WINDOW, n)
+        src, edt = np.asarray(source[a : min(b + gap, n)]), np.asarray(edited[a : min(b + gap, n)])
+        if min(b + gap, n) - a > gap:
+            e, f = _warp_errors_many(src, [edt, src], gap, flow)
+            err_edit.append(e[: b - a])
+            err_src.append(f[: b - a])
+        p.append(psnr(src[: b - a], edt[: b - a], cap=PSNR_CAP_DB))
+        s.append(ssim(src[: b - a], edt[: b - a]))
+    empty = np.zeros(0, dtype=np.float64)
+    err_edit = np.concatenate(err_edit) if err_edit else empty
+    err_src = np.concatenate(err_src) if err_src else empty
+    p, s = np.concatenate(p), np.concatenate(s)
 
     clip_text = clip_cons = None
     if clip_model is not None:
@@ -766,9 +820,11 @@ def evaluate_files(
     source_path: str | Path | None,
     edited_path: str | Path | None = None,
     max_frames: int | None = None,
+    workdir: str | Path | None = None,
     **kwargs: Any,
 ) -> EvalReport:
-    """Read two videos with :func:`tokenflow.video.load_frames` and :func:`evaluate` them.
+    """Read two videos and :func:`evaluate` them; their frames are staged in a temporary folder inside ``workdir``
+    (default: the system's temporary folder) and read a window at a time.
 
     A run folder (holding ``run.json``, ``source.mp4`` and ``edited.mp4``) is accepted as the edit:
     ``evaluate_files(None, run)`` or ``evaluate_files(run)`` uses its ``edited.mp4`` against its
@@ -776,7 +832,8 @@ def evaluate_files(
     folder's ``run.json`` also supplies ``inversion_psnr`` and, when no ``prompt`` is passed, its
     ``"prompt"``. Other keyword arguments go to :func:`evaluate`.
     """
-    from tokenflow.video import load_frames
+    from tokenflow.framestore import FrameStore
+    from tokenflow.video import read_frames
 
     src = Path(source_path) if source_path is not None else None
     edt = Path(edited_path) if edited_path is not None else None
@@ -810,6 +867,14 @@ def evaluate_files(
                 kwargs["prompt"] = recorded
 
     logger.info("reading %s and %s", src, edt)
-    source, _ = load_frames(src, max_frames=max_frames)
-    edited, _ = load_frames(edt, max_frames=max_frames)
-    return evaluate(source, edited, **kwargs)
+    # staged on disk and measured a window at a time: memory does not grow with the videos' length
+    with tempfile.TemporaryDirectory(prefix=".tokenflow-eval-", dir=workdir) as tmp:
+        stores = []
+        try:
+            for name, path in (("source", src), ("edited", edt)):
+                frames = read_frames(path, max_frames=max_frames)
+                stores.append(FrameStore.write(Path(tmp) / f"{name}.rgb", frames, source=str(path)))
+            return evaluate(*stores, **kwargs)
+        finally:
+            for store in stores:
+                store.close()

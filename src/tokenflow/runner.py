@@ -285,7 +285,8 @@ def edit_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> Ru
             from .metrics import evaluate_files
 
             started = time.perf_counter()
-            evaluation = evaluate_files(staging / "source.mp4", staging / "edited.mp4", prompt=options.prompt)
+            evaluation = evaluate_files(staging / "source.mp4", staging / "edited.mp4", prompt=options.prompt,
+                                        workdir=staging)
             report["eval"] = evaluation.summary()
             report["timings"]["eval"] = time.perf_counter() - started
             logger.info("\n%s", evaluation.format_table())
