@@ -165,12 +165,19 @@ def test_second_edit_with_new_prompt_hits_the_cache(first_run, env, caplog, caps
     assert second["inversion_psnr"] == pytest.approx(first["inversion_psnr"])
 
 
+def test_invert_refused_before_work_creates_nothing(env, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    rc = main(["invert", str(env.clip), "--model", str(tmp_path / "no-model"), "--cache-dir", str(cache), *SMALL])
+    assert rc == 2 and "no-model" in capsys.readouterr().err
+    assert not cache.exists()
+
+
 def test_invert_then_edit_is_a_cache_hit(env, tmp_path):
     cache = tmp_path / "cache"
     rc = main(["invert", str(env.clip), "--model", str(env.model), "--cache-dir", str(cache), "--stride", "2",
                *SMALL, "--quiet"])
     assert rc == 0
-    assert len(list(cache.glob("*.safetensors"))) == 1
+    assert [p.suffix for p in cache.iterdir()] == [".safetensors"]  # the staged frames are gone
     out = tmp_path / "strided"
     rc = main(["edit", str(env.clip), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
                "--cache-dir", str(cache), "--stride", "2", *SMALL, "--quiet"])

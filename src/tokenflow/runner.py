@@ -15,7 +15,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -152,8 +152,11 @@ def _default_out(options: RunOptions) -> Path:
     return Path("tokenflow-out") / f"{Path(options.video).stem}-{digest}"
 
 
-def _prepare(options: RunOptions, editor: TokenFlowEditor | None, workdir: Path, with_controlnet: bool = False):
-    """Load the model, then stream the selected frames, resized to the working size, into ``workdir``.
+def _prepare(
+    options: RunOptions, editor: TokenFlowEditor | None, workdir: Callable[[], Path], with_controlnet: bool = False
+):
+    """Load the model, then stream the selected frames, resized to the working size, into the folder ``workdir()``
+    returns (asked for only then, so nothing is created when the input or the model is refused).
 
     Returns the editor, the frames (a :class:`FrameStore`: on disk, read a batch at a time), the source's
     :class:`VideoInfo` and the timings.
@@ -186,7 +189,7 @@ def _prepare(options: RunOptions, editor: TokenFlowEditor | None, workdir: Path,
         )
     started = time.perf_counter()
     resized = (video_io.resize_frames(frame, width, height) for frame in frames_in)
-    frames = FrameStore.write(workdir / "frames.rgb", resized, source=str(options.video))
+    frames = FrameStore.write(workdir() / "frames.rgb", resized, source=str(options.video))
     timings["read"] = time.perf_counter() - started
     return editor, frames, info, timings
 
@@ -212,13 +215,22 @@ def invert_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> 
     """Precompute and cache the inversion of a video (``tokenflow invert``)."""
     options.check_inputs(editing=False)
     root = InversionCache(options.cache_dir).root
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".frames-", dir=root) as workdir:
-        editor, frames, _, timings = _prepare(options, editor, Path(workdir))
+    staged: list[Path] = []
+
+    def workdir() -> Path:
+        root.mkdir(parents=True, exist_ok=True)
+        staged.append(Path(tempfile.mkdtemp(prefix=".frames-", dir=root)))
+        return staged[-1]
+
+    try:
+        editor, frames, _, timings = _prepare(options, editor, workdir)
         try:
             source, hit = _invert(editor, frames, options, timings)
         finally:
             frames.close()
+    finally:
+        for folder in staged:
+            shutil.rmtree(folder, ignore_errors=True)
     logger.info(
         "inversion %s in %.1f s (%d frames %dx%d; reconstruction PSNR %s dB)",
         "cache hit" if hit else "done",
@@ -250,7 +262,8 @@ def edit_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> Ru
     work.mkdir()
     stores: list[FrameStore] = []
     try:
-        editor, frames, info, timings = _prepare(options, editor, work, with_controlnet=options.mode == "controlnet")
+        editor, frames, info, timings = _prepare(options, editor, lambda: work,
+                                                 with_controlnet=options.mode == "controlnet")
         stores.append(frames)
         control = None
         fps = info.fps / options.stride
