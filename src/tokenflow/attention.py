@@ -291,7 +291,8 @@ def auto_keyframe_window(
 ) -> int | None:
     """A keyframe window for :func:`windowed_extended_attention`: ``None`` (full) while it fits the token budget.
 
-    ``tokens_per_frame``: tokens of the largest self-attention level, i.e. latent ``h * w`` for SD/SDXL.
+    ``tokens_per_frame``: tokens of the largest self-attention level: latent ``h * w`` for SD, a quarter of it for
+    SDXL, whose first level has no attention (the editor's ``_attention_tokens``).
     Full joint attention lets every keyframe see every other one, which is what makes the paper's edit globally
     consistent, but its cost grows as ``(num_keyframes * tokens_per_frame) ** 2`` in compute and, without a fused
     kernel, in memory, and the keyframe pass's activations grow with ``num_keyframes``. Past ``budget_tokens``

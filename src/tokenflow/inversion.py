@@ -462,9 +462,8 @@ def _invert_batch(
     first = 0 if resume is None else grid.index(resume[0]) + 1
     x = (latents if resume is None else resume[1]).to(model.device, torch.float32)
     text = cond.rows([0] * x.shape[0])
-    for i, t in enumerate(grid):
-        if i < first:
-            continue
+    for i in range(first, len(grid)):
+        t = grid[i]
         a_t = alphas[t].to(model.device)
         a_prev = (alphas[grid[i - 1]] if i > 0 else scheduler.final_alpha_cumprod).to(model.device)
         out = model.predict(x, t, text)
