@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-# One intra-op thread: the tiny models gain nothing from more, and on a loaded 2-core machine OpenMP threads
-# oversubscribe badly (a tiny UNet call went from 0.02 s to 2.8 s).
-torch.set_num_threads(1)
+# One intra-op thread by default: the tiny models gain nothing from more, and on a loaded 2-core machine OpenMP
+# threads oversubscribe badly (a tiny UNet call went from 0.02 s to 2.8 s). TOKENFLOW_TEST_THREADS=2 runs the suite
+# with two (other GEMM splits, other rounding): every test must hold either way.
+THREADS = int(os.environ.get("TOKENFLOW_TEST_THREADS", "1"))
+torch.set_num_threads(THREADS)
 
 # A 144x96 source gives a non-square 96x64 working size at --size 64.
 PAN_FRAMES, PAN_WIDTH, PAN_HEIGHT, PAN_SHIFT, PAN_FPS = 10, 144, 96, 4, 12
@@ -48,3 +52,59 @@ def pan6() -> torch.Tensor:
     from tokenflow.video import pan_frames
 
     return torch.from_numpy(pan_frames(num_frames=6, width=96, height=64, shift=4))
+
+
+def assert_real_edit(out: Path, frames: int, size: tuple[int, int], other: Path | None = None) -> None:
+    """``out`` holds an edit, not just files: ``edited.mp4`` has ``frames`` frames of ``size`` (w, h) like
+    ``source.mp4``, and differs from it and from ``other``'s edit (another prompt's) by far more than H.264's
+    re-encoding noise (a few grey levels on average). On a random-weight model the VAE round trip alone moves the
+    frames (measured ~57 levels), so it is the comparison with ``other`` (measured 12-25) that shows the prompt
+    reached the UNet."""
+    import numpy as np
+
+    from tokenflow.video import load_frames
+
+    edited, source = load_frames(out / "edited.mp4")[0], load_frames(out / "source.mp4")[0]
+    assert edited.shape == source.shape == (frames, size[1], size[0], 3), (edited.shape, source.shape)
+    assert np.abs(edited.astype(np.int16) - source).mean() > 5
+    if other is not None:
+        assert np.abs(edited.astype(np.int16) - load_frames(other / "edited.mp4")[0]).mean() > 5
+
+
+@pytest.fixture
+def record_difference(request):
+    """``record(value, what)``: a numerically sensitive test's measured difference, appended as one JSON line to
+    ``$TOKENFLOW_NUMERICS_LOG`` when that is set (``scripts/numerics_sweep.sh`` collects the worst per test over
+    kernel variants and thread counts); returns ``value``."""
+
+    def record(value, what: str = "max abs difference"):
+        path = os.environ.get("TOKENFLOW_NUMERICS_LOG")
+        if path:
+            variant = {k: os.environ.get(k, "") for k in ("MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+            entry = {"test": request.node.nodeid, "what": what, "value": float(value), "threads": THREADS,
+                     "capability": torch.backends.cpu.get_cpu_capability(), **variant}
+            with open(path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        return value
+
+    return record
+
+
+FP32_UNIT_ROUNDOFF = 2.0**-24
+TINY_UNET_CONTRACTION = 576  # the longest sum in the tiny UNet: a 3x3 convolution over 64 channels (skip concat)
+
+
+def reordering_tolerance(
+    reference: torch.Tensor, unet_evaluations: int = 1, guidance: float = 0.0, contraction: int = TINY_UNET_CONTRACTION
+) -> float:
+    """Absolute tolerance between two float32 runs of the same maths whose sums are ordered differently (another
+    batch size, CPU kernel or thread split), at the scale of ``reference``.
+
+    A sum of K float32 terms rounds to about sqrt(K) * u of its magnitude when the roundings are independent
+    (u = 2^-24); one UNet evaluation carries that relative difference to its output (its gain is about 1).
+    Classifier-free guidance ``uncond + g * (cond - uncond)`` adds the branches' differences with weight up to
+    1 + 2g, and the differences of successive denoising steps add up. Anything that really changes the computation
+    (frames that leak into each other, another layer, another keyframe) moves the latents by 1e-3 or more.
+    """
+    per_evaluation = contraction**0.5 * FP32_UNIT_ROUNDOFF
+    return float(reference.abs().max()) * per_evaluation * (1 + 2 * guidance) * unet_evaluations

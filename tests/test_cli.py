@@ -431,3 +431,35 @@ def test_a_hub_model_that_is_not_cached_offline_is_one_line_saying_how_to_fix_it
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "someone/typo-model" in lines[0] and "local cache" in lines[0] and "internet" in lines[0]
     assert not out.exists()
+
+
+def test_ctrl_c_during_the_inversion_exits_130_with_one_line_and_writes_nothing(pan_clip, tiny_model_dir, tmp_path):
+    """A real process and a real SIGINT: `tokenflow edit ... && upload` must not see success."""
+    import signal
+    import time
+
+    script = Path(sys.executable).with_name("tokenflow")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "tokenflow.cli"]
+    out = tmp_path / "out"
+    log = tmp_path / "stderr.txt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = ["edit", str(pan_clip), "--prompt", "a robot", "--model", str(tiny_model_dir), "--out", str(out),
+            "--size", "64", "--steps", "3", "--inversion-steps", "1000", "--cache-dir", str(tmp_path / "cache")]
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd + argv, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while "inversion:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert proc.poll() is None, log.read_text()  # 1000 inversion steps: still inverting
+            proc.send_signal(signal.SIGINT)
+            stdout, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = log.read_text()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.replace("\r", "\n").strip().splitlines()[-1] == "tokenflow: interrupted; no output was written"
+    assert stdout == ""
+    assert not out.exists() and not list(tmp_path.glob(".out*"))  # no output, no staging folder left behind

@@ -18,7 +18,10 @@ from tokenflow.models import load_model
 from tokenflow.testing import build_tiny_controlnet, build_tiny_lora, build_tiny_sd
 from tokenflow.video import pan_frames
 
+from conftest import PAN_FRAMES, assert_real_edit
+
 STEPS = 6
+SIZE = (96, 64)  # the 144x96 clip at --size 64
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +148,11 @@ def test_cli_controlnet_with_pnp_and_lora_end_to_end(pan_clip, tiny_model_dir, c
     assert code == 0
     for name in ("edited.mp4", "source.mp4", "control.mp4", "side_by_side.mp4", "preview.png", "run.json"):
         assert (out / name).is_file(), name
+    other = tmp_path / "cn-other"
+    assert main(_edit_args(pan_clip, tiny_model_dir, other, tmp_path / "cache", "--mode", "controlnet",
+                           "--controlnet", str(controlnet_dir), "--pnp", "--lora", f"{lora_dir}:0.5",
+                           "--prompt", "a marble statue")) == 0
+    assert_real_edit(out, PAN_FRAMES, SIZE, other=other)
     report = json.loads((out / "run.json").read_text())
     assert report["parameters"]["mode"] == "controlnet" and report["parameters"]["pnp"] is True
     assert report["model"]["loras"] == [[str(lora_dir), 0.5]]
@@ -198,6 +206,7 @@ def test_depth_maps_from_a_transformers_estimator_end_to_end(pan_clip, tiny_mode
     assert main(_edit_args(pan_clip, tiny_model_dir, out, tmp_path / "cache", "--mode", "controlnet", "--controlnet",
                            str(controlnet_dir), "--control", "depth", "--depth-model", str(depth_dir))) == 0
     assert (out / "control.mp4").is_file()
+    assert_real_edit(out, PAN_FRAMES, SIZE)
 
 
 def test_an_unloadable_depth_model_is_one_line(pan_clip, tiny_model_dir, controlnet_dir, tmp_path, capsys):
@@ -226,6 +235,12 @@ def test_a_folder_of_maps_is_selected_like_the_frames(tmp_path):
         control_maps(str(folder), np.zeros((5, 64, 96, 3), np.uint8), start=2, stride=3)
 
 
+def load_frames_of(path):
+    from tokenflow.video import load_frames
+
+    return load_frames(path)[0]
+
+
 def test_cli_with_a_folder_of_maps(pan_clip, tiny_model_dir, controlnet_dir, tmp_path):
     from PIL import Image
 
@@ -237,6 +252,9 @@ def test_cli_with_a_folder_of_maps(pan_clip, tiny_model_dir, controlnet_dir, tmp
     assert main(_edit_args(pan_clip, tiny_model_dir, out, tmp_path / "cache", "--mode", "controlnet", "--controlnet",
                            str(controlnet_dir), "--control", str(folder))) == 0
     assert (out / "control.mp4").is_file()
+    assert_real_edit(out, PAN_FRAMES, SIZE)
+    control = load_frames_of(out / "control.mp4")
+    assert [round(float(m.mean()) / 25) for m in control] == list(range(10))  # map i is the flat image 25 * i
 
 
 def test_a_model_predicting_something_ddim_inversion_cannot_use_is_refused(tmp_path):

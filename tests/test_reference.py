@@ -4,6 +4,13 @@ tests/data/reference/ holds the reference's inverted latents, sampled keyframes 
 SD 2.x-shaped model (see its README and settings.json). Tolerances are the issue's: from the golden inverted
 latents every frame within 1e-4 relative; from our own inversion, the inversion within 1e-3, the per-frame edit
 within 1e-3 on every frame and TokenFlow within 1e-3 on the median frame.
+
+Why these hold on any CPU: the reference ran on another machine and library build, so every comparison already
+crosses kernels. From the golden inverted latents the two computations are the same sums in another order
+(measured <= 2.4e-5 relative: the 1e-4 bound leaves 4x); from our own inversion the 500 inversion steps and the
+argmax near-ties of the nearest-neighbour search (a token whose two best matches are within rounding picks either)
+add up to 4.4e-3 on the worst TokenFlow frame, which is why only its median frame is held to 1e-3.
+The worst differences over kernel variants and thread counts are in docs/numerics.md.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from tokenflow.cli import main
 from tokenflow.editor import EditConfig, TokenFlowEditor
 from tokenflow.inversion import SourceLatents, invert_frames
 from tokenflow.models import load_model
+
+pytestmark = pytest.mark.numerics  # every test here compares floats with the reference's
 
 GOLDEN = Path(__file__).parent / "data" / "reference"
 SETTINGS = json.loads((GOLDEN / "settings.json").read_text())
@@ -68,7 +77,7 @@ def _config(propagation: str) -> EditConfig:
     )
 
 
-def test_our_ddim_inversion_matches_the_reference(golden_model, golden_frames, golden_inverted):
+def test_our_ddim_inversion_matches_the_reference(golden_model, golden_frames, golden_inverted, record_difference):
     ours = invert_frames(
         golden_model,
         golden_frames,
@@ -80,14 +89,13 @@ def test_our_ddim_inversion_matches_the_reference(golden_model, golden_frames, g
         progress=False,
     )
     assert sorted(ours.noisy) == sorted(golden_inverted) == [1, 101, 201, 301, 401, 501, 601, 701, 801, 901, 951]
-    for t, ref in golden_inverted.items():
-        rel = ((ours.noisy[t] - ref).norm() / ref.norm()).item()
-        assert rel < 1e-3, f"t={t}: relative difference {rel:.2e}"
+    worst = max(((ours.noisy[t] - ref).norm() / ref.norm()).item() for t, ref in golden_inverted.items())
+    assert record_difference(worst, "max relative difference over timesteps") < 1e-3, worst
 
 
 @pytest.mark.parametrize("mode,propagation", [("tokenflow", "tokenflow"), ("perframe", "none")])
 def test_edit_from_reference_inversion_matches_every_frame(
-    golden_model, golden_frames, golden_inverted, mode, propagation
+    golden_model, golden_frames, golden_inverted, mode, propagation, record_difference
 ):
     clean = golden_model.encode_frames(golden_frames, batch_size=10)
     source = SourceLatents(clean=clean, noisy=golden_inverted)
@@ -102,7 +110,7 @@ def test_edit_from_reference_inversion_matches_every_frame(
     out = TokenFlowEditor(golden_model).edit(source, _config(propagation), progress=False, callback_on_step_end=check_step)
     assert not first_bad, f"first step that diverges from the reference: {first_bad[0]}"
     rel = _per_frame_rel(out.latents, _load(GOLDEN / mode / "final_latents.pt"))
-    assert rel.max().item() < 1e-4, rel
+    assert record_difference(rel.max().item(), "max relative difference over frames") < 1e-4, rel
     if propagation == "tokenflow":
         assert out.keyframes == json.loads((GOLDEN / "tokenflow" / "keyframes.json").read_text())
 
@@ -160,17 +168,17 @@ def cli_runs(tmp_path_factory):
     return runs
 
 
-def test_cli_end_to_end_inversion_matches(cli_runs, golden_inverted):
-    for t, ref in golden_inverted.items():
-        ours = cli_runs["tokenflow"][f"source_t{t}"]
-        assert ((ours - ref).norm() / ref.norm()).item() < 1e-3, t
+def test_cli_end_to_end_inversion_matches(cli_runs, golden_inverted, record_difference):
+    rel = {t: ((cli_runs["tokenflow"][f"source_t{t}"] - ref).norm() / ref.norm()).item() for t, ref in golden_inverted.items()}
+    assert record_difference(max(rel.values()), "max relative difference over timesteps") < 1e-3, rel
 
 
-def test_cli_end_to_end_per_frame_edit_matches_every_frame(cli_runs):
+def test_cli_end_to_end_per_frame_edit_matches_every_frame(cli_runs, record_difference):
     rel = _per_frame_rel(cli_runs["perframe"]["final"], _load(GOLDEN / "perframe" / "final_latents.pt"))
-    assert rel.max().item() < 1e-3, rel
+    assert record_difference(rel.max().item(), "max relative difference over frames") < 1e-3, rel
 
 
-def test_cli_end_to_end_tokenflow_matches_on_the_median_frame(cli_runs):
+def test_cli_end_to_end_tokenflow_matches_on_the_median_frame(cli_runs, record_difference):
     rel = _per_frame_rel(cli_runs["tokenflow"]["final"], _load(GOLDEN / "tokenflow" / "final_latents.pt"))
-    assert rel.median().item() < 1e-3, rel
+    record_difference(rel.max().item(), "max relative difference over frames (not asserted)")
+    assert record_difference(rel.median().item(), "median relative difference over frames") < 1e-3, rel

@@ -13,6 +13,8 @@ from tokenflow.cli import main
 from tokenflow.models import load_model
 from tokenflow.testing import build_tiny_controlnet, build_tiny_sd, build_tiny_sdxl
 
+from conftest import PAN_FRAMES, assert_real_edit
+
 OUTPUTS = ("edited.mp4", "source.mp4", "side_by_side.mp4", "preview.png", "run.json")
 
 
@@ -74,6 +76,9 @@ def test_sdxl_edits_end_to_end_through_the_cli_at_its_native_size(pan_clip, xl_d
         assert c.streams.audio
     report = json.loads((out / "run.json").read_text())
     assert report["output"]["height"] == 64 and len(report["keyframes"]) == 3
+    other = tmp_path / "xl-other"
+    assert main(_args(pan_clip, xl_dir, other, tmp_path / "cache", "--prompt", "a marble statue")) == 0
+    assert_real_edit(out, PAN_FRAMES, (96, 64), other=other)
 
 
 def test_sdxl_with_controlnet_end_to_end(pan_clip, xl_dir, tmp_path):
@@ -81,6 +86,7 @@ def test_sdxl_with_controlnet_end_to_end(pan_clip, xl_dir, tmp_path):
     out = tmp_path / "xl-cn-run"
     assert main(_args(pan_clip, xl_dir, out, tmp_path / "cache", "--mode", "controlnet", "--controlnet", str(cn))) == 0
     assert (out / "control.mp4").is_file() and (out / "edited.mp4").is_file()
+    assert_real_edit(out, PAN_FRAMES, (96, 64))
 
 
 def test_an_sdxl_controlnet_on_an_sd_base_is_refused(pan_clip, xl_dir, tmp_path, capsys):

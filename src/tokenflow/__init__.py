@@ -26,6 +26,10 @@ _EXPORTS = {
     "TokenFlowError": "errors",
     "InputError": "errors",
     "ModelLoadError": "errors",
+    "Cancelled": "events",
+    "ProgressEvent": "events",
+    "TokenFlowPipeline": "pipeline",
+    "TokenFlowXLPipeline": "pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

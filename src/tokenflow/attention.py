@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from .correspondence import consecutive_runs, gather_tokens, nearest_neighbors
+from .errors import InputError
 
 __all__ = [
     "NUM_BRANCHES",
     "KeyframeTokens",
     "KeyframeCache",
+    "to_host",
     "TokenFlowState",
     "TokenFlowAttnProcessor",
     "extended_attention",
@@ -38,12 +40,17 @@ __all__ = [
     "auto_keyframe_batch",
     "DEFAULT_KEYFRAME_TOKEN_BUDGET",
     "LayerSelection",
+    "LayerSelectionError",
     "select_layers",
     "tokenflow_attention",
 ]
 
 NUM_BRANCHES = 3  # source, uncond, cond
 SOURCE = 0
+
+
+class LayerSelectionError(InputError):
+    """A :class:`LayerSelection` that matches no layer of the UNet it is applied to."""
 
 
 @dataclass
@@ -55,13 +62,17 @@ class KeyframeTokens:
 
 
 def _copy_rows(x: torch.Tensor, dim: int, rows: list[int], host: bool) -> torch.Tensor:
-    """``x``'s ``rows`` along ``dim`` as a tensor of its own; in host memory when ``host`` (page-locked when coming
-    from CUDA: faster copies both ways)."""
+    """``x``'s ``rows`` along ``dim`` as a tensor of its own; in host memory when ``host`` (see :func:`to_host`)."""
     picked = x.index_select(dim, torch.tensor(rows, device=x.device))
-    if not host or picked.device.type == "cpu":
-        return picked
-    out = torch.empty(picked.shape, dtype=picked.dtype, device="cpu", pin_memory=picked.is_cuda)
-    return out.copy_(picked)  # blocking: the host side reads it before the device is synchronised
+    return to_host(picked) if host else picked
+
+
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` in host memory, never a view of it, whatever its device: page-locked when it comes from
+    CUDA (faster copies both ways). The copy is blocking: the host side may read it before the device is
+    synchronised. On the CPU this is one plain copy, so the offload path runs (and is tested) there too."""
+    out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
+    return out.copy_(x)
 
 
 class KeyframeCache:
@@ -326,13 +337,17 @@ def auto_keyframe_batch(
 class TokenFlowAttnProcessor:
     """Self-attention processor for TokenFlow keyframe attention, propagation and PnP q/k injection."""
 
-    def __init__(self, state: TokenFlowState, name: str, inject_qk: bool = False):
-        from diffusers.models.attention_processor import AttnProcessor2_0
+    def __init__(self, state: TokenFlowState, name: str, inject_qk: bool = False, fallback=None):
+        """``fallback``: the layer's own processor (an IP-Adapter's, xformers', a user's), which serves every call
+        that TokenFlow leaves alone; default: diffusers' ``AttnProcessor2_0``."""
+        if fallback is None:
+            from diffusers.models.attention_processor import AttnProcessor2_0
 
+            fallback = AttnProcessor2_0()
         self.state = state
         self.name = name
         self.inject_qk = inject_qk
-        self._default = AttnProcessor2_0()
+        self._default = fallback
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         state = self.state
@@ -342,7 +357,7 @@ class TokenFlowAttnProcessor:
             or attention_mask is not None
             or hidden_states.ndim != 3
         ):
-            return self._default(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return self._default(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         if state.mode == "propagate":
             return self._propagate(hidden_states)
         return self._keyframe_attention(attn, hidden_states)
@@ -451,7 +466,29 @@ def select_layers(unet, selection: LayerSelection | None = None) -> tuple[list[s
     else:
         target = f"up_blocks.{selection.conv_block}.resnets.{selection.conv_resnet}"
         conv = [n for n in resnets if n == target]
+    # an empty selection would silently turn the edit into plain image editing (or PnP without its features)
+    model = type(unet).__name__
+    if not self_attn:
+        raise LayerSelectionError(f"{model} has no self-attention layer (*.attn1) for TokenFlow to replace")
+    if not qk:
+        what = (f"qk_patterns {list(selection.qk_patterns)}" if selection.qk_patterns is not None
+                else f"skip_first_decoder_attention={selection.skip_first_decoder_attention}")
+        raise LayerSelectionError(
+            f"PnP q/k layer selection {what} matches no decoder self-attention layer of {model}; "
+            f"choose among {_summary(self_attn)}"
+        )
+    if not conv:
+        what = (f"conv_patterns {list(selection.conv_patterns)}" if selection.conv_patterns is not None
+                else f"up_blocks.{selection.conv_block}.resnets.{selection.conv_resnet}")
+        raise LayerSelectionError(
+            f"PnP residual-feature layer {what} matches no ResNet block of {model}; choose among {_summary(resnets)}"
+        )
     return self_attn, qk, conv
+
+
+def _summary(names: list[str], shown: int = 6) -> str:
+    kept = [n.removesuffix(".processor") for n in names[:shown]]
+    return ", ".join(kept) + (f" ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 def _conv_injection_hook(state: TokenFlowState):
@@ -477,7 +514,7 @@ def tokenflow_attention(
     processors = dict(original)
     qk_set = set(qk)
     for name in self_attn:
-        processors[name] = TokenFlowAttnProcessor(state, name, inject_qk=name in qk_set)
+        processors[name] = TokenFlowAttnProcessor(state, name, inject_qk=name in qk_set, fallback=original[name])
     handles = []
     try:
         unet.set_attn_processor(processors)

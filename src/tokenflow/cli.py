@@ -19,6 +19,8 @@ from .errors import InputError, TokenFlowError
 
 logger = logging.getLogger("tokenflow")
 
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -222,25 +224,29 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         default_map = _default_map(command, argv)
-        command.main(args=argv, prog_name="tokenflow", standalone_mode=False, default_map=default_map)
+        result = command.main(args=argv, prog_name="tokenflow", standalone_mode=False, default_map=default_map)
     except _EXIT as exc:
         return exc.exit_code
     except _ABORT:
-        click.echo("tokenflow: interrupted", err=True)
-        return 130
+        click.echo("tokenflow: interrupted; no output was written", err=True)
+        return INTERRUPTED
     except TokenFlowError as exc:
         click.echo(f"tokenflow: error: {' '.join(str(exc).split())}", err=True)
         return 2
     except KeyboardInterrupt:
         click.echo("tokenflow: interrupted; no output was written", err=True)
-        return 130
+        return INTERRUPTED
     except Exception as exc:
         if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
             raise
         # a usage error (unknown option, bad value, missing argument) from click or typer's copy of it
         click.echo(f"tokenflow: error: {' '.join(exc.format_message().split())}", err=True)
         return exc.exit_code
-    return 0
+    # typer turns a KeyboardInterrupt into a *returned* 130 under standalone_mode=False (its click raises Abort)
+    if result == INTERRUPTED:
+        click.echo("tokenflow: interrupted; no output was written", err=True)
+        return INTERRUPTED
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from .attention import (
     NUM_BRANCHES,
@@ -28,6 +27,7 @@ from .attention import (
 from .control import to_control_tensor
 from .correspondence import linear_neighbors, reference_neighbors
 from .errors import InputError
+from .events import CancelToken, ProgressCallback, Tracker, as_progress
 from .inversion import InversionCache, SourceLatents, invert_frames
 from .keyframes import KeyframeSchedule, RandomKeyframes, make_schedule
 from .models import DEFAULT_MODEL, StableDiffusionModel, TextConditioning, load_model
@@ -159,36 +159,41 @@ class TokenFlowEditor:
         batch_size: int = 8,
         cache: InversionCache | None = None,
         reconstruct: bool = True,
-        progress: bool = True,
+        progress: bool | ProgressCallback | None = True,
         on_cache_hit: Callable | None = None,
+        cancel: CancelToken | None = None,
     ) -> SourceLatents:
-        """DDIM-invert uint8 frames ``[N,H,W,3]`` (already at the working size); see :func:`invert_frames`."""
+        """DDIM-invert uint8 frames ``[N,H,W,3]`` (already at the working size); see :func:`invert_frames`.
+
+        Calls from several threads take turns on the model (one at a time)."""
         if inversion_steps < 1:
             raise InputError(f"--inversion-steps {inversion_steps}: must be at least 1")
-        return invert_frames(
-            self.model,
-            frames,
-            prompt=inversion_prompt,
-            steps=steps,
-            inversion_steps=inversion_steps,
-            batch_size=batch_size,
-            cache=cache,
-            reconstruct=reconstruct,
-            progress=progress,
-            on_cache_hit=on_cache_hit,
-        )
+        with self.model.lock:
+            return invert_frames(
+                self.model,
+                frames,
+                prompt=inversion_prompt,
+                steps=steps,
+                inversion_steps=inversion_steps,
+                batch_size=batch_size,
+                cache=cache,
+                reconstruct=reconstruct,
+                progress=progress,
+                on_cache_hit=on_cache_hit,
+                cancel=cancel,
+            )
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def edit(
         self,
         source: SourceLatents,
         config: EditConfig,
-        progress: bool = True,
-        callback_on_step_end: Callable[[int, int, torch.Tensor], None] | None = None,
+        progress: bool | ProgressCallback | None = True,
+        callback_on_step_end: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
         control: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        cancel: CancelToken | None = None,
     ) -> EditOutput:
         """Edit the frames whose source latents are given. Deterministic for a given seed, inputs and machine.
 
@@ -202,7 +207,18 @@ class TokenFlowEditor:
         ``control``: ControlNet conditioning images ``[N, 3, H, W]`` in [0, 1], or uint8 maps ``[N, H, W, 3]`` read
         a batch at a time (a :class:`~tokenflow.framestore.FrameStore`) (mode ``controlnet``; the model must carry
         a ControlNet). ``generator`` replaces the seeded generator of the default random keyframe schedule.
+        ``callback_on_step_end(step, t, latents)`` runs after every step; a tensor it returns replaces the latents.
+        ``progress``: ``True`` for a progress bar, or a callable receiving :class:`~tokenflow.events.ProgressEvent` objects
+        (stage ``editing``, in frames x steps); ``cancel``: checked after every UNet call, raises
+        :class:`~tokenflow.events.Cancelled`.
+
+        The processors live on the model's UNet for the length of the edit, so edits from several threads sharing a
+        model take turns (one at a time), each with its own state.
         """
+        with self.model.lock, torch.no_grad():
+            return self._edit(source, config, as_progress(progress), callback_on_step_end, control, generator, cancel)
+
+    def _edit(self, source, config, progress, callback_on_step_end, control, generator, cancel) -> EditOutput:
         config.check_inputs()
         model = self.model
         started = time.perf_counter()
@@ -253,11 +269,11 @@ class TokenFlowEditor:
             run.controlnet, run.control, run.control_scale = controlnet, control, config.controlnet_scale
         used_keyframes: list[list[int]] = []
 
-        bar = tqdm(total=len(timesteps) * n_frames, desc="editing", unit="frame", disable=not progress)
+        bar = Tracker("editing", len(timesteps) * n_frames, progress, cancel)
         run.on_frames = bar.update
         with tokenflow_attention(model.unet, state, config.layers):
             for step, t in enumerate(timesteps):
-                bar.set_postfix_str(f"step {step + 1}/{len(timesteps)}", refresh=False)
+                bar.detail = f"step {step + 1}/{len(timesteps)}"
                 state.qk_inject = t in qk_steps
                 state.conv_inject = t in conv_steps
                 src_t = source.noisy[t]
@@ -271,9 +287,10 @@ class TokenFlowEditor:
                     x = self._tokenflow_step(run, x, src_t, t, keyframes, config, plan.calls(len(keyframes), step))
                 state.cache.clear()
                 if callback_on_step_end is not None:
-                    callback_on_step_end(step, t, x)
+                    replaced = callback_on_step_end(step, t, x)
+                    if replaced is not None:  # a callback may replace the latents (diffusers' convention)
+                        x = replaced.to(x.device, x.dtype)
             state.reset()
-        bar.close()
         return EditOutput(
             latents=x,
             keyframes=used_keyframes,

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .correspondence import consecutive_runs
+from .events import CancelToken, ProgressCallback, Tracker, as_progress
 from .models import StableDiffusionModel, TextConditioning
 
 logger = logging.getLogger(__name__)
@@ -476,11 +476,9 @@ def _invert_batch(
             on_step(x.shape[0])
 
 
-def _inversion_bar(frames: int, steps: int, initial: int, progress: bool) -> tqdm:
-    """Progress updated per frame and inversion step, shown in frames (frames/s, ETA)."""
-    return tqdm(total=frames * steps, initial=initial, desc="inversion", unit="frame", unit_scale=1 / steps,
-                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} frames [{elapsed}<{remaining}, {rate_fmt}]",
-                disable=not progress)
+def _inversion_bar(frames: int, steps: int, initial: int, progress, cancel=None) -> Tracker:
+    """Progress counted per frame and inversion step, reported in frames (frames/s, ETA); cancellable per step."""
+    return Tracker("inversion", frames * steps, as_progress(progress), cancel, initial=initial, divisor=steps)
 
 
 @torch.no_grad()
@@ -491,7 +489,8 @@ def ddim_invert(
     grid: list[int],
     save: list[int],
     batch_size: int = 8,
-    progress: bool = True,
+    progress: bool | ProgressCallback | None = True,
+    cancel: CancelToken | None = None,
 ) -> dict[int, torch.Tensor]:
     """DDIM inversion (Song et al., 2021, eq. 13 run backwards), each frame independently, guidance 1.
 
@@ -501,11 +500,10 @@ def ddim_invert(
     memory (:func:`invert_frames` with a cache streams them to disk instead).
     """
     saved: dict[int, list[torch.Tensor]] = {t: [] for t in save}
-    bar = _inversion_bar(latents.shape[0], len(grid), 0, progress)
+    bar = _inversion_bar(latents.shape[0], len(grid), 0, progress, cancel)
     for start in range(0, latents.shape[0], batch_size):
         batch = latents[start : start + batch_size]
         _invert_batch(model, batch, cond, grid, save, lambda t, x: saved[t].append(x), bar.update)
-    bar.close()
     return {t: torch.cat(v) for t, v in saved.items()}
 
 
@@ -578,13 +576,21 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def reconstruction_psnr(
-    model: StableDiffusionModel, source: SourceLatents, cond: TextConditioning, batch_size: int = 8
+    model: StableDiffusionModel,
+    source: SourceLatents,
+    cond: TextConditioning,
+    batch_size: int = 8,
+    progress: bool | ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
 ) -> float:
     """PSNR of the frames sampled back from the noisiest latents against the VAE round trip, a batch at a time."""
+    n = source.clean.shape[0]
+    bar = Tracker("reconstruction", n, as_progress(progress), cancel)
     error = count = 0
-    for start in range(0, source.clean.shape[0], batch_size):
-        e, c = _reconstruction_error(model, source, cond, start, min(start + batch_size, source.clean.shape[0]))
+    for start in range(0, n, batch_size):
+        e, c = _reconstruction_error(model, source, cond, start, min(start + batch_size, n))
         error, count = error + e, count + c
+        bar.update(min(batch_size, n - start))
     return _psnr_from_error(error, count)
 
 
@@ -735,7 +741,8 @@ class InversionCache:
         batch_size: int = 8,
         reconstruct: bool = True,
         info: dict | None = None,
-        progress: bool = True,
+        progress: bool | ProgressCallback | None = True,
+        cancel: CancelToken | None = None,
     ) -> SourceLatents:
         """Encode, invert and (optionally) reconstruct ``frames`` into the entry for ``key``, resumably.
 
@@ -767,7 +774,8 @@ class InversionCache:
             if state.get("current") is not None:
                 a, z, t = state["current"]
                 initial += (z - a) * (grid.index(t) + 1)
-            bar = _inversion_bar(n, len(grid), initial, progress)
+            progress = as_progress(progress)
+            bar = _inversion_bar(n, len(grid), initial, progress, cancel)
             for a, z in todo:
                 resume = None
                 current = state.get("current")
@@ -796,10 +804,10 @@ class InversionCache:
                 state["inverted"].append([a, z])
                 state.pop("current", None)
                 self._write_progress(progress_file, state)
-            bar.close()
             psnr_value = None
             if reconstruct:
-                psnr_value = self._reconstruct(writer, model, cond, batch_size, state, progress_file, progress)
+                psnr_value = self._reconstruct(writer, model, cond, batch_size, state, progress_file, progress,
+                                               cancel)
             writer.set_metadata({"info": json.dumps(dict(info or {}, reconstruction_psnr=psnr_value), default=str)})
             writer.sync()
         finally:
@@ -821,7 +829,7 @@ class InversionCache:
         metadata = {"info": json.dumps(dict(info, reconstruction_psnr=None), default=str)}
         return SafetensorsWriter(self.partial_path(key), layout, metadata, reserve=1024), shape
 
-    def _reconstruct(self, writer, model, cond, batch_size, state, progress_file, progress) -> float:
+    def _reconstruct(self, writer, model, cond, batch_size, state, progress_file, progress, cancel) -> float:
         n = writer.layout["clean"][0][0]
         source = None
         todo = _todo(n, batch_size, state["reconstructed"])
@@ -830,14 +838,12 @@ class InversionCache:
             tensors, _ = _lazy_tensors(writer.path, lambda k: True)
             noisy = {int(k[1:]): v for k, v in tensors.items() if k.startswith("t")}
             source = SourceLatents(clean=tensors["clean"], noisy=noisy)  # lazy: one batch at a time
-        bar = tqdm(total=n, initial=n - sum(z - a for a, z in todo), desc="reconstruction", unit="frame",
-                   disable=not progress)
+        bar = Tracker("reconstruction", n, progress, cancel, initial=n - sum(z - a for a, z in todo))
         for a, z in todo:
             error, count = _reconstruction_error(model, source, cond, a, z)
             state["reconstructed"].append([a, z, error, count])
             self._write_progress(progress_file, state)
             bar.update(z - a)
-        bar.close()
         error = sum(entry[2] for entry in state["reconstructed"])
         count = sum(entry[3] for entry in state["reconstructed"])
         value = _psnr_from_error(error, count)
@@ -880,8 +886,9 @@ def invert_frames(
     batch_size: int = 8,
     cache: InversionCache | None = None,
     reconstruct: bool = True,
-    progress: bool = True,
+    progress: bool | ProgressCallback | None = True,
     on_cache_hit: Callable[[Path], None] | None = None,
+    cancel: CancelToken | None = None,
 ) -> SourceLatents:
     """Encode uint8 frames ``[N,H,W,3]`` and DDIM-invert them, through ``cache`` when given.
 
@@ -889,16 +896,21 @@ def invert_frames(
     does not grow with frames x timesteps); without one, everything stays in memory. With ``reconstruct`` the
     latents are sampled back and decoded, and the PSNR against the VAE round trip is kept (a bad reconstruction
     predicts a bad edit).
+
+    ``progress``: ``True`` for progress bars, or a callable receiving :class:`~tokenflow.events.ProgressEvent` objects
+    (stages ``inversion`` and ``reconstruction``); ``cancel``: checked after every UNet call, raises
+    :class:`~tokenflow.events.Cancelled` (a cached inversion resumes from its last checkpoint next time).
     """
+    progress = as_progress(progress)
     grid, save = inversion_grid(model, steps, inversion_steps)
     cond = model.condition([prompt], height=frames.shape[1], width=frames.shape[2])
     info = dict(prompt=prompt, steps=steps, inversion_steps=inversion_steps, grid=grid, model=model.model_id)
     if cache is None:
         clean = model.encode_frames(frames, batch_size)
-        noisy = ddim_invert(model, clean, cond, grid, save, batch_size, progress)
+        noisy = ddim_invert(model, clean, cond, grid, save, batch_size, progress, cancel)
         source = SourceLatents(clean=clean, noisy=noisy, info=info)
         if reconstruct:
-            source.reconstruction_psnr = reconstruction_psnr(model, source, cond, batch_size)
+            source.reconstruction_psnr = reconstruction_psnr(model, source, cond, batch_size, progress, cancel)
             _log_psnr(source.reconstruction_psnr)
         return source
 
@@ -913,10 +925,10 @@ def invert_frames(
             hit = cache.load(key)  # another process may have finished it meanwhile
             if hit is None:
                 hit = cache.invert(key, model, frames, cond, grid, save, batch_size=batch_size,
-                                   reconstruct=reconstruct, info=info, progress=progress)
+                                   reconstruct=reconstruct, info=info, progress=progress, cancel=cancel)
                 return hit
             if not usable(hit):  # inverted earlier without the reconstruction check: add it
-                hit.reconstruction_psnr = reconstruction_psnr(model, hit, cond, batch_size)
+                hit.reconstruction_psnr = reconstruction_psnr(model, hit, cond, batch_size, progress, cancel)
                 _log_psnr(hit.reconstruction_psnr)
                 cache.store(key, hit)
                 return cache.load(key)

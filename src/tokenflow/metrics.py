@@ -737,6 +737,7 @@ def evaluate(
     run_dir: Path | None = None,
     align: str = "refuse",
     device: str = "cpu",
+    inversion_psnr: float | None = None,
 ) -> EvalReport:
     """Measure an edit against its source video.
 
@@ -746,7 +747,8 @@ def evaluate(
 
     CLIP scores are computed when ``clip_model`` is given (the text score also needs ``prompt``); a
     model that cannot be loaded is logged once and the CLIP fields stay None. ``run_dir`` with a
-    ``run.json`` holding ``"inversion_psnr"`` fills :attr:`EvalReport.inversion_psnr`.
+    ``run.json`` holding ``"inversion_psnr"`` fills :attr:`EvalReport.inversion_psnr`; an explicit
+    ``inversion_psnr`` (the edit that is being written, before its ``run.json`` exists) takes precedence.
     """
     source = _check_frames(source, "source")
     edited = _check_frames(edited, "edited")
@@ -789,8 +791,7 @@ def evaluate(
                 clip_text = np.asarray(scores["text"], dtype=np.float64)
             clip_cons = np.asarray(scores["consistency_per_pair"], dtype=np.float64)
 
-    inversion_psnr = None
-    if run_dir is not None:
+    if inversion_psnr is None and run_dir is not None:
         value = _read_run_json(Path(run_dir)).get("inversion_psnr")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             inversion_psnr = float(value)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +82,10 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
     return _DTYPES[dtype]
 
 
+_UNET_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
 @dataclass
 class StableDiffusionModel:
     """The components an edit needs, on one device and dtype. Loaded once, used for many videos and prompts."""
@@ -97,6 +103,13 @@ class StableDiffusionModel:
     controlnet: torch.nn.Module | None = None
     controlnet_id: str | None = None
     pipeline: object | None = None  # the diffusers pipeline the components came from (SDXL prompt encoding)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by every edit and inversion: processors installed on a UNet belong to one edit at a time, so
+        every model object wrapping the same UNet (an editor's, a pipeline's) shares one lock."""
+        with _LOCKS_GUARD:
+            return _UNET_LOCKS.setdefault(self.unet, threading.RLock())
 
     @property
     def is_xl(self) -> bool:

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import video as video_io
 from .editor import DEFAULT_NEGATIVE_PROMPT, EditConfig, EditOutput, TokenFlowEditor
 from .errors import InputError
+from .events import CancelToken, ProgressCallback, Tracker, TqdmProgress, check_cancelled
 from .framestore import FrameStore
 from .inversion import InversionCache, SourceLatents
 from .models import DEFAULT_MODEL, resolve_device, resolve_dtype
@@ -194,7 +194,14 @@ def _prepare(
     return editor, frames, info, timings
 
 
-def _invert(editor: TokenFlowEditor, frames: FrameStore, options: RunOptions, timings: dict):
+def _progress(options: RunOptions, progress: ProgressCallback | None) -> ProgressCallback | None:
+    """The caller's callback, else progress bars unless ``quiet``."""
+    if progress is not None:
+        return progress
+    return None if options.quiet else TqdmProgress()
+
+
+def _invert(editor: TokenFlowEditor, frames: FrameStore, options: RunOptions, timings: dict, progress, cancel):
     hits = []
     started = time.perf_counter()
     source = editor.invert(
@@ -204,16 +211,29 @@ def _invert(editor: TokenFlowEditor, frames: FrameStore, options: RunOptions, ti
         inversion_steps=options.inversion_steps,
         batch_size=options.batch_size,
         cache=InversionCache(options.cache_dir),
-        progress=not options.quiet,
+        progress=progress,
         on_cache_hit=hits.append,
+        cancel=cancel,
     )
     timings["inversion"] = time.perf_counter() - started
     return source, bool(hits)
 
 
-def invert_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> SourceLatents:
-    """Precompute and cache the inversion of a video (``tokenflow invert``)."""
+def invert_video(
+    options: RunOptions,
+    editor: TokenFlowEditor | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> SourceLatents:
+    """Precompute and cache the inversion of a video (``tokenflow invert``).
+
+    ``progress``: a callable receiving :class:`~tokenflow.events.ProgressEvent` objects (default: progress bars unless
+    ``options.quiet``); ``cancel``: a ``threading.Event`` (or anything with ``is_set()``), checked after every UNet
+    call: a cancelled inversion raises :class:`~tokenflow.events.Cancelled` and resumes from its last checkpoint
+    next time.
+    """
     options.check_inputs(editing=False)
+    progress = _progress(options, progress)
     root = InversionCache(options.cache_dir).root
     staged: list[Path] = []
 
@@ -225,7 +245,7 @@ def invert_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> 
     try:
         editor, frames, _, timings = _prepare(options, editor, workdir)
         try:
-            source, hit = _invert(editor, frames, options, timings)
+            source, hit = _invert(editor, frames, options, timings, progress, cancel)
         finally:
             frames.close()
     finally:
@@ -243,8 +263,18 @@ def invert_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> 
     return source
 
 
-def edit_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> RunResult:
+def edit_video(
+    options: RunOptions,
+    editor: TokenFlowEditor | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> RunResult:
     """Edit a video end to end and write the run folder (``tokenflow edit``).
+
+    ``progress``: a callable receiving :class:`~tokenflow.events.ProgressEvent` objects, stages ``inversion``,
+    ``reconstruction``, ``editing`` and ``decoding`` in that order (default: progress bars unless
+    ``options.quiet``). ``cancel``: a ``threading.Event`` (or anything with ``is_set()``), checked after every UNet
+    call; a cancelled run raises :class:`~tokenflow.events.Cancelled` and leaves no output folder.
 
     Outputs: ``edited.mp4`` (source fps / stride, with the source's audio for the selected range),
     ``source.mp4``, ``side_by_side.mp4``, ``preview.png``, ``run.json`` and optionally ``latents.safetensors``.
@@ -252,6 +282,7 @@ def edit_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> Ru
     host memory does not grow with the video's length.
     """
     options.check_inputs()
+    progress = _progress(options, progress)
     out_dir = Path(options.out) if options.out is not None else _default_out(options)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -265,6 +296,7 @@ def edit_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> Ru
         editor, frames, info, timings = _prepare(options, editor, lambda: work,
                                                  with_controlnet=options.mode == "controlnet")
         stores.append(frames)
+        check_cancelled(cancel)  # loading and staging take a while: a cancel meanwhile stops here
         control = None
         fps = info.fps / options.stride
         if options.mode == "controlnet":
@@ -278,13 +310,13 @@ def edit_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> Ru
             control = FrameStore.write(work / "control.rgb", maps, source=f"--control {options.control}")
             stores.append(control)
             timings["control_maps"] = time.perf_counter() - started
-        source, cache_hit = _invert(editor, frames, options, timings)
+        source, cache_hit = _invert(editor, frames, options, timings, progress, cancel)
         config = options.edit_config()
-        result = editor.edit(source, config, progress=not options.quiet, control=control)
+        result = editor.edit(source, config, progress=progress, control=control, cancel=cancel)
         timings["edit"] = result.seconds
 
         started = time.perf_counter()
-        _write_outputs(staging, editor, result, frames, info, options, fps)
+        _write_outputs(staging, editor, result, frames, info, options, fps, progress, cancel)
         timings["decode_write"] = time.perf_counter() - started
         if control is not None:
             _write_frames(staging / "control.mp4", control, fps, options.batch_size)
@@ -299,7 +331,7 @@ def edit_video(options: RunOptions, editor: TokenFlowEditor | None = None) -> Ru
 
             started = time.perf_counter()
             evaluation = evaluate_files(staging / "source.mp4", staging / "edited.mp4", prompt=options.prompt,
-                                        workdir=staging)
+                                        workdir=staging, inversion_psnr=source.reconstruction_psnr)
             report["eval"] = evaluation.summary()
             report["timings"]["eval"] = time.perf_counter() - started
             logger.info("\n%s", evaluation.format_table())
@@ -329,7 +361,9 @@ def _write_frames(path: Path, frames: FrameStore, fps: float, batch: int) -> Non
                 out.write(frame)
 
 
-def _write_outputs(staging: Path, editor, result: EditOutput, frames: FrameStore, info, options, fps) -> None:
+def _write_outputs(
+    staging: Path, editor, result: EditOutput, frames: FrameStore, info, options, fps, progress, cancel
+) -> None:
     n, height, width = frames.shape[:3]
     audio = dict(audio_from=info.path, audio_start=options.start / info.fps, audio_end=(options.start + n * options.stride) / info.fps) if info.has_audio else {}
     previews = []
@@ -340,7 +374,7 @@ def _write_outputs(staging: Path, editor, result: EditOutput, frames: FrameStore
         video_io.VideoWriter(staging / "side_by_side.mp4", fps, 2 * width, height, **audio) as both_out,
     ):
         batch = max(1, options.batch_size)
-        bar = tqdm(total=n, desc="decoding", unit="frame", disable=options.quiet)
+        bar = Tracker("decoding", n, progress, cancel)
         for start in range(0, n, batch):
             decoded = editor.model.decode_latents(result.latents[start : start + batch]).numpy()
             originals = frames[start : start + len(decoded)]
@@ -351,7 +385,6 @@ def _write_outputs(staging: Path, editor, result: EditOutput, frames: FrameStore
                 if i in pick:
                     previews.append((original, frame))
             bar.update(len(decoded))
-        bar.close()
     sheet = video_io.contact_sheet([p[0] for p in previews], [p[1] for p in previews], columns=len(previews))
     sheet.save(staging / "preview.png")
 
