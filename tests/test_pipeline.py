@@ -373,3 +373,22 @@ def test_sdxl_pipeline_equals_the_editor(tmp_path, pan6):
     src = editor.invert(frames, steps=2, inversion_steps=2, batch_size=BATCH, reconstruct=False, progress=False)
     expect = editor.edit(src, EditConfig(prompt="a robot", steps=2, batch_size=BATCH), progress=False)
     assert torch.equal(out, expect.latents)
+
+
+def test_the_readme_snippet_with_diffusers_own_video_helpers(tiny_model_dir, tmp_path):
+    """``load_video`` -> pipeline -> ``export_to_video``, as a diffusers user writes it (imageio-ffmpeg backend)."""
+    from diffusers.utils import export_to_video, load_video
+
+    from tokenflow.video import probe
+
+    clip = tmp_path / "wolf.mp4"
+    make_pan_clip(clip, num_frames=6, width=96, height=64, shift=4, fps=12, audio=False)
+    pipe = TokenFlowPipeline.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float32).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    video = load_video(str(clip))[:4]  # list of PIL images
+    out = pipe(video, prompt="a shiny silver robot wolf", inversion_prompt="a wolf in the snow",
+               num_inference_steps=2, num_inversion_steps=2, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(0))
+    path = export_to_video(out.frames[0], str(tmp_path / "robot.mp4"), fps=10)
+    info = probe(path)
+    assert info.num_frames == 4 and (info.width, info.height) == (96, 64) and info.fps == pytest.approx(10)
