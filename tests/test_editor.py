@@ -113,7 +113,7 @@ def v_model(tmp_path_factory):
 @pytest.mark.numerics
 def test_v_prediction_output_is_converted_to_noise_as_diffusers_ddim_does(model, v_model):
     """``_epsilon`` against the noise implied by diffusers' own ``DDIMScheduler.step`` for each prediction type."""
-    from tokenflow.inversion import _epsilon
+    from tokenflow.inversion.ddim import _epsilon
 
     g = torch.Generator().manual_seed(0)
     x, output = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 4, 8, 12, generator=g)

@@ -29,6 +29,7 @@ from .correspondence import linear_neighbors, reference_neighbors
 from .errors import InputError
 from .events import CancelToken, ProgressCallback, Tracker, as_progress
 from .inversion import InversionCache, SourceLatents, invert_frames
+from .inversion.ddim import ddim_transition, implied_noise, noised, predicted_noise
 from .keyframes import KeyframeSchedule, RandomKeyframes, make_schedule
 from .models import DEFAULT_MODEL, StableDiffusionModel, TextConditioning, load_model
 
@@ -243,9 +244,12 @@ class TokenFlowEditor:
             return EditOutput(source.clean.clone(), [], [], 0, time.perf_counter() - started)
         alphas = scheduler.alphas_cumprod
         top = source.noisiest
-        eps = (source.noisy[top] - alphas[top] ** 0.5 * source.clean) / (1 - alphas[top]) ** 0.5
-        x = scheduler.add_noise(source.clean, eps, torch.tensor([timesteps[0]]))
+        eps = implied_noise(source.noisy[top], source.clean, alphas[top])
+        x = noised(source.clean, eps, alphas[timesteps[0]])
         del eps  # one full-length array less for the rest of the edit
+        # each step goes to the next timestep of the full schedule, the last one to the final alpha
+        alpha_next = {t: alphas[u] for t, u in zip(schedule_all, schedule_all[1:])}
+        alpha_next[schedule_all[-1]] = scheduler.final_alpha_cumprod
 
         factor = model.vae_scale_factor
         texts = model.condition(
@@ -264,7 +268,7 @@ class TokenFlowEditor:
         if window is not None and config.propagation != "none":
             logger.info("keyframe attention window: %d keyframes each side, %d anchors, %s keyframes per call",
                         window, config.anchors, plan.batch or "all")
-        run = _StepRunner(model, scheduler, texts, config.guidance_scale, state)
+        run = _StepRunner(model, alphas, alpha_next, texts, config.guidance_scale, state)
         if controlnet is not None:
             run.controlnet, run.control, run.control_scale = controlnet, control, config.controlnet_scale
         used_keyframes: list[list[int]] = []
@@ -440,9 +444,10 @@ def _check_keyframes(keyframes: list[int], n_frames: int, config: EditConfig) ->
 class _StepRunner:
     """One UNet call on a set of frames in the three-branch layout, then CFG and the DDIM step."""
 
-    def __init__(self, model: StableDiffusionModel, scheduler, texts: TextConditioning, guidance: float, state):
+    def __init__(self, model: StableDiffusionModel, alphas, alpha_next: dict, texts: TextConditioning,
+                 guidance: float, state):
         self.model = model
-        self.scheduler = scheduler
+        self.alphas, self.alpha_next = alphas, alpha_next
         self.texts = texts  # 3 rows: inversion prompt (source), negative prompt (uncond), target prompt (cond)
         self.guidance = guidance
         self.state = state
@@ -491,7 +496,9 @@ class _StepRunner:
         pred = model.predict(latents, t, text, **extra)
         self.frame_evaluations += NUM_BRANCHES * n
         _, uncond, cond = pred.chunk(NUM_BRANCHES)
-        eps = uncond + self.guidance * (cond - uncond)
+        guided = (uncond + self.guidance * (cond - uncond)).cpu()  # classifier-free guidance on the raw outputs
+        current = x[frames]
+        eps = predicted_noise(model.prediction_type, guided, current, self.alphas[t])  # linear: CFG commutes with it
         if self.on_frames is not None:
             self.on_frames(n if count is None else count)
-        return self.scheduler.step(eps.cpu(), t, x[frames]).prev_sample
+        return ddim_transition(current, eps, self.alphas[t], self.alpha_next[t])

@@ -1,0 +1,82 @@
+"""Invert a video's frames, through the cache when one is given."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..events import CancelToken, ProgressCallback, as_progress
+from ..models import StableDiffusionModel
+from .cache import InversionCache
+from .check import _log_psnr, reconstruction_psnr
+from .ddim import ddim_invert, inversion_grid
+from .source import SourceLatents
+
+logger = logging.getLogger("tokenflow.inversion")
+
+__all__ = ["invert_frames"]
+
+
+def invert_frames(
+    model: StableDiffusionModel,
+    frames: torch.Tensor,
+    *,
+    prompt: str = "",
+    steps: int = 50,
+    inversion_steps: int = 500,
+    batch_size: int = 8,
+    cache: InversionCache | None = None,
+    reconstruct: bool = True,
+    progress: bool | ProgressCallback | None = True,
+    on_cache_hit: Callable[[Path], None] | None = None,
+    cancel: CancelToken | None = None,
+) -> SourceLatents:
+    """Encode uint8 frames ``[N,H,W,3]`` and DDIM-invert them, through ``cache`` when given.
+
+    With a cache the inversion streams to disk, resumes after an interruption and comes back lazy (host memory
+    does not grow with frames x timesteps); without one, everything stays in memory. With ``reconstruct`` the
+    latents are sampled back and decoded, and the PSNR against the VAE round trip is kept (a bad reconstruction
+    predicts a bad edit).
+
+    ``progress``: ``True`` for progress bars, or a callable receiving :class:`~tokenflow.events.ProgressEvent` objects
+    (stages ``inversion`` and ``reconstruction``); ``cancel``: checked after every UNet call, raises
+    :class:`~tokenflow.events.Cancelled` (a cached inversion resumes from its last checkpoint next time).
+    """
+    progress = as_progress(progress)
+    grid, save = inversion_grid(model, steps, inversion_steps)
+    cond = model.condition([prompt], height=frames.shape[1], width=frames.shape[2])
+    info = dict(prompt=prompt, steps=steps, inversion_steps=inversion_steps, grid=grid, model=model.model_id)
+    if cache is None:
+        clean = model.encode_frames(frames, batch_size)
+        noisy = ddim_invert(model, clean, cond, grid, save, batch_size, progress, cancel)
+        source = SourceLatents(clean=clean, noisy=noisy, info=info)
+        if reconstruct:
+            source.reconstruction_psnr = reconstruction_psnr(model, source, cond, batch_size, progress, cancel)
+            _log_psnr(source.reconstruction_psnr)
+        return source
+
+    key = InversionCache.key(frames, model, prompt, grid, save)
+
+    def usable(hit: SourceLatents | None) -> bool:
+        return hit is not None and (hit.reconstruction_psnr is not None or not reconstruct)
+
+    hit = cache.load(key)
+    if not usable(hit):
+        with cache.lock(key):
+            hit = cache.load(key)  # another process may have finished it meanwhile
+            if hit is None:
+                hit = cache.invert(key, model, frames, cond, grid, save, batch_size=batch_size,
+                                   reconstruct=reconstruct, info=info, progress=progress, cancel=cancel)
+                return hit
+            if not usable(hit):  # inverted earlier without the reconstruction check: add it
+                hit.reconstruction_psnr = reconstruction_psnr(model, hit, cond, batch_size, progress, cancel)
+                _log_psnr(hit.reconstruction_psnr)
+                cache.store(key, hit)
+                return cache.load(key)
+    logger.info("inversion cache hit: %s", cache.path(key))
+    if on_cache_hit is not None:
+        on_cache_hit(cache.path(key))
+    return hit
