@@ -9,13 +9,12 @@ import torch
 
 from tokenflow.attention import (
     KeyframeTokens,
-    LayerSelection,
     TokenFlowAttnProcessor,
     TokenFlowState,
     extended_attention,
-    select_layers,
     tokenflow_attention,
 )
+from tokenflow.backbones import LayerSelection, select_layers
 from tokenflow.correspondence import gather_tokens, linear_neighbors, nearest_neighbors, reference_neighbors
 
 
@@ -232,7 +231,7 @@ def test_a_keyframe_propagated_from_itself_gets_its_keyframe_output_back_exactly
 
 
 def test_a_layer_selection_that_matches_nothing_is_an_error_naming_the_unet_and_the_pattern(model):
-    from tokenflow.attention import LayerSelectionError
+    from tokenflow.backbones import LayerSelectionError
     from tokenflow.errors import InputError
 
     processors = model.unet.attn_processors

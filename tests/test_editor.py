@@ -112,9 +112,8 @@ def v_model(tmp_path_factory):
 
 @pytest.mark.numerics
 def test_v_prediction_output_is_converted_to_noise_as_diffusers_ddim_does(model, v_model):
-    """``_epsilon`` against the noise implied by diffusers' own ``DDIMScheduler.step`` for each prediction type."""
-    from tokenflow.inversion.ddim import _epsilon
-
+    """The backbone's ``predicted_noise`` against the noise implied by diffusers' own ``DDIMScheduler.step`` for
+    each prediction type."""
     g = torch.Generator().manual_seed(0)
     x, output = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 4, 8, 12, generator=g)
     for m in (model, v_model):
@@ -128,7 +127,7 @@ def test_v_prediction_output_is_converted_to_noise_as_diffusers_ddim_does(model,
             implied = (step.prev_sample - a_prev**0.5 * step.pred_original_sample) / (1 - a_prev) ** 0.5
             # two fp32 formulas for the same O(1) values; the division by sqrt(1 - a_prev) (>= 0.03 at t=1)
             # magnifies their rounding (~1e-7) by at most ~30
-            torch.testing.assert_close(_epsilon(m, output, x, a_t), implied, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(m.predicted_noise(output, x, a_t), implied, rtol=1e-4, atol=1e-5)
     assert v_model.prediction_type == "v_prediction"
 
 
@@ -277,7 +276,7 @@ def test_pnp_injects_qk_and_residuals_on_exactly_the_first_timesteps_and_keeps_e
     source's queries/keys, and which carried the source's residual features."""
     import math
 
-    from tokenflow.attention import select_layers
+    from tokenflow.backbones import select_layers
 
     steps, attn_t, f_t = 10, 0.3, 0.55  # int(3.0) = 3 q/k steps, int(5.5) = 5 residual steps
     src = invert_frames(model, frames[:2], steps=steps, inversion_steps=steps, reconstruct=False, progress=False)

@@ -336,7 +336,7 @@ def test_controlnet_mode_with_canny_maps_equals_the_editor(pipe, tiny_model, pan
     from diffusers import ControlNetModel
 
     from tokenflow.control import canny_maps
-    from tokenflow.models import _load_controlnet
+    from tokenflow.backbones.loading import _load_controlnet
     from tokenflow.testing import build_tiny_controlnet
 
     cn_dir = build_tiny_controlnet(tmp_path / "cn", pipe.name_or_path)

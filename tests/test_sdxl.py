@@ -8,7 +8,8 @@ import av
 import pytest
 import torch
 
-from tokenflow.attention import TokenFlowState, select_layers, tokenflow_attention
+from tokenflow.attention import TokenFlowState, tokenflow_attention
+from tokenflow.backbones import select_layers
 from tokenflow.cli import main
 from tokenflow.models import load_model
 from tokenflow.testing import build_tiny_controlnet, build_tiny_sd, build_tiny_sdxl
@@ -29,7 +30,7 @@ def xl(xl_dir):
 
 
 def test_sdxl_is_recognised_with_its_native_size_and_dual_conditioning(xl):
-    assert xl.is_xl and xl.default_size == 64  # sample_size 8 x VAE factor 8
+    assert xl.family == "sdxl" and xl.default_size == 64  # sample_size 8 x VAE factor 8
     cond = xl.condition(["", "a robot"], height=64, width=96)
     assert cond.embeds.shape == (2, 77, 32)  # both text encoders' hidden states, concatenated
     assert cond.added["text_embeds"].shape == (2, 16)
@@ -102,7 +103,7 @@ def test_an_sdxl_controlnet_on_an_sd_base_is_refused(pan_clip, xl_dir, tmp_path,
 def test_a_single_file_checkpoint_is_recognised_as_sdxl_by_its_keys(tmp_path):
     from safetensors.torch import save_file
 
-    from tokenflow.models import _is_xl_checkpoint
+    from tokenflow.backbones.loading import _is_xl_checkpoint
 
     xl_file, sd_file = tmp_path / "xl.safetensors", tmp_path / "sd.safetensors"
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(xl_file))
@@ -112,8 +113,30 @@ def test_a_single_file_checkpoint_is_recognised_as_sdxl_by_its_keys(tmp_path):
 
 
 def test_the_keyframe_budget_counts_the_tokens_of_the_largest_attention_level(xl, tiny_model):
-    from tokenflow.editor import _attention_tokens
-
     # SDXL's first block has no attention: its largest attention level is the latent downsampled once
-    assert _attention_tokens(xl, 128, 96) == 64 * 48
-    assert _attention_tokens(tiny_model, 64, 48) == 64 * 48
+    assert xl.attention_tokens(128, 96) == 64 * 48
+    assert tiny_model.attention_tokens(64, 48) == 64 * 48
+
+
+def test_the_adapters_facts_match_each_unets_config(xl, tiny_model):
+    """What the adapter says about each family, checked against the configs it summarises."""
+    from tokenflow.backbones import StableDiffusionModel, StableDiffusionXLModel
+
+    assert type(xl) is StableDiffusionXLModel and type(tiny_model) is StableDiffusionModel
+    for model in (xl, tiny_model):
+        config = model.unet.config
+        factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+        assert model.vae_scale_factor == factor == 8
+        assert model.min_side == factor * 2 ** (len(config.down_block_types) - 1)
+        assert model.default_size == config.sample_size * factor
+        assert model.prediction_type == model.scheduler_config.get("prediction_type", "epsilon")
+        attention_levels = [i for i, b in enumerate(config.down_block_types) if "Attn" in b]
+        assert model.attention_tokens(64, 32) == (64 >> attention_levels[0]) * (32 >> attention_levels[0])
+        layers = model.layers()
+        processors = model.unet.attn_processors
+        assert set(layers.self_attention) == {n for n in processors if n.endswith("attn1.processor")}
+        assert set(layers.qk) <= set(layers.self_attention) and all(n.startswith("up_blocks.") for n in layers.qk)
+        assert all(type(model.unet.get_submodule(n)).__name__ == "ResnetBlock2D" for n in layers.residual)
+    assert xl.attention_tokens(64, 32) == 32 * 16 and tiny_model.attention_tokens(64, 32) == 64 * 32
+    # the two families condition differently: SDXL adds pooled text and size ids
+    assert xl.condition(["a"], 64, 96).added is not None and tiny_model.condition(["a"], 64, 96).added is None

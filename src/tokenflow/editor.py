@@ -17,7 +17,6 @@ import torch
 
 from .attention import (
     NUM_BRANCHES,
-    LayerSelection,
     TokenFlowState,
     anchor_positions,
     auto_keyframe_batch,
@@ -29,9 +28,9 @@ from .correspondence import linear_neighbors, reference_neighbors
 from .errors import InputError
 from .events import CancelToken, ProgressCallback, Tracker, as_progress
 from .inversion import InversionCache, SourceLatents, invert_frames
-from .inversion.ddim import ddim_transition, implied_noise, noised, predicted_noise
+from .inversion.ddim import ddim_transition, implied_noise, noised
 from .keyframes import KeyframeSchedule, RandomKeyframes, make_schedule
-from .models import DEFAULT_MODEL, StableDiffusionModel, TextConditioning, load_model
+from .backbones import DEFAULT_MODEL, Backbone, LayerSelection, TextConditioning, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +143,7 @@ class EditOutput:
 class TokenFlowEditor:
     """Loaded once, edits many videos and prompts. ``edit`` takes source latents from :meth:`invert` (or your own)."""
 
-    def __init__(self, model: StableDiffusionModel):
+    def __init__(self, model: Backbone):
         self.model = model
 
     @classmethod
@@ -260,7 +259,7 @@ class TokenFlowEditor:
         schedule = make_schedule(config.keyframes, config.batch_size, config.seed)
         if generator is not None and isinstance(schedule, RandomKeyframes):
             schedule.generator = generator
-        tokens_per_frame = _attention_tokens(model, source.clean.shape[2], source.clean.shape[3])
+        tokens_per_frame = model.attention_tokens(source.clean.shape[2], source.clean.shape[3])
         window = config.resolve_keyframe_window(n_frames, tokens_per_frame)
         offload = config.offload_cache if config.offload_cache is not None else model.device.type != "cpu"
         state = TokenFlowState(keyframe_window=window, anchors=config.anchors, offload_cache=offload)
@@ -275,7 +274,7 @@ class TokenFlowEditor:
 
         bar = Tracker("editing", len(timesteps) * n_frames, progress, cancel)
         run.on_frames = bar.update
-        with tokenflow_attention(model.unet, state, config.layers):
+        with tokenflow_attention(model.unet, state, model.layers(config.layers)):
             for step, t in enumerate(timesteps):
                 bar.detail = f"step {step + 1}/{len(timesteps)}"
                 state.qk_inject = t in qk_steps
@@ -419,14 +418,6 @@ class _KeyframePlan:
         return calls
 
 
-def _attention_tokens(model: StableDiffusionModel, height: int, width: int) -> int:
-    """Tokens per frame of the UNet's largest self-attention level for ``height x width`` latents (SD attends at
-    full latent resolution, SDXL from the first downsampling on)."""
-    blocks = list(model.unet.config.down_block_types)
-    level = next((i for i, b in enumerate(blocks) if "CrossAttn" in b or "Attn" in b), 0)
-    return max(1, (height >> level) * (width >> level))
-
-
 def _check_keyframes(keyframes: list[int], n_frames: int, config: EditConfig) -> None:
     if sorted(set(keyframes)) != list(keyframes) or not keyframes:
         raise InputError(f"keyframes {keyframes}: must be a non-empty increasing list of distinct frame indices")
@@ -444,7 +435,7 @@ def _check_keyframes(keyframes: list[int], n_frames: int, config: EditConfig) ->
 class _StepRunner:
     """One UNet call on a set of frames in the three-branch layout, then CFG and the DDIM step."""
 
-    def __init__(self, model: StableDiffusionModel, alphas, alpha_next: dict, texts: TextConditioning,
+    def __init__(self, model: Backbone, alphas, alpha_next: dict, texts: TextConditioning,
                  guidance: float, state):
         self.model = model
         self.alphas, self.alpha_next = alphas, alpha_next
@@ -498,7 +489,7 @@ class _StepRunner:
         _, uncond, cond = pred.chunk(NUM_BRANCHES)
         guided = (uncond + self.guidance * (cond - uncond)).cpu()  # classifier-free guidance on the raw outputs
         current = x[frames]
-        eps = predicted_noise(model.prediction_type, guided, current, self.alphas[t])  # linear: CFG commutes with it
+        eps = model.predicted_noise(guided, current, self.alphas[t])  # linear: CFG commutes with it
         if self.on_frames is not None:
             self.on_frames(n if count is None else count)
         return ddim_transition(current, eps, self.alphas[t], self.alpha_next[t])

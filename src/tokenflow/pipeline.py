@@ -2,7 +2,7 @@
 
 A face, not a copy: the pipelines hold diffusers' usual components (so ``from_pretrained``, ``from_pipe``,
 ``save_pretrained``, ``.to()``, ``enable_model_cpu_offload()``, LoRA loading... behave as in diffusers), turn them
-into a :class:`tokenflow.models.StableDiffusionModel` on each call, and run :class:`tokenflow.editor.TokenFlowEditor`
+into a :class:`tokenflow.backbones.Backbone` on each call, and run :class:`tokenflow.editor.TokenFlowEditor`
 (inversion, then the editing loop) and the model's VAE decode. The algorithm lives in ``editor.py``; this module
 only converts inputs and outputs between diffusers' conventions and the editor's.
 """
@@ -34,7 +34,8 @@ from . import video as video_io
 from .editor import DEFAULT_NEGATIVE_PROMPT, EditConfig, TokenFlowEditor
 from .errors import InputError
 from .inversion import InversionCache, SourceLatents
-from .models import StableDiffusionModel, _hub_revision
+from .backbones import Backbone, backbone_for
+from .backbones.loading import _hub_revision
 
 __all__ = ["TokenFlowPipeline", "TokenFlowXLPipeline", "TokenFlowPipelineOutput"]
 
@@ -304,12 +305,12 @@ class _TokenFlowMixin:
                     _update_digest(digest, f"{part}.{key}", tensor)
         return f"weights:{digest.hexdigest()[:32]}", None, adapters
 
-    def tokenflow_model(self, exact_identity: bool = False) -> StableDiffusionModel:
-        """This pipeline's components as the :class:`~tokenflow.models.StableDiffusionModel` the editor runs, on the
+    def tokenflow_model(self, exact_identity: bool = False) -> Backbone:
+        """This pipeline's components as the :class:`~tokenflow.backbones.Backbone` the editor runs, on the
         pipeline's current execution device and dtype (built anew on each call, so it follows ``.to()`` and CPU
         offload)."""
         model_id, revision, adapters = self._identity(exact_identity)
-        return StableDiffusionModel(
+        return backbone_for(self.unet)(
             unet=self.unet,
             vae=self.vae,
             text_encoder=self.text_encoder,

@@ -27,7 +27,7 @@ from .errors import InputError
 from .events import CancelToken, ProgressCallback, Tracker, TqdmProgress, check_cancelled
 from .framestore import FrameStore
 from .inversion import InversionCache, SourceLatents
-from .models import DEFAULT_MODEL, resolve_device, resolve_dtype
+from .backbones import DEFAULT_MODEL, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _prepare(
     frames_in = video_io.read_frames(options.video, options.start, options.stride, options.max_frames)
     started = time.perf_counter()
     if editor is None:
-        from .models import parse_lora
+        from .backbones import parse_lora
 
         editor = TokenFlowEditor.from_pretrained(
             options.model,
@@ -181,11 +181,10 @@ def _prepare(
     factor = model.vae_scale_factor
     size = options.size if options.size is not None else model.default_size
     width, height = video_io.working_size(info.width, info.height, size, multiple=factor)
-    depth = 2 ** (len(model.unet.config.down_block_types) - 1)
-    if min(width, height) < factor * depth:
+    if min(width, height) < model.min_side:
         raise InputError(
             f"--size {size} is too small for {options.model}: the short side must be at least "
-            f"{factor * depth} px; use a larger --size"
+            f"{model.min_side} px; use a larger --size"
         )
     started = time.perf_counter()
     resized = (video_io.resize_frames(frame, width, height) for frame in frames_in)

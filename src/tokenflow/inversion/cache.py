@@ -15,7 +15,7 @@ import torch
 
 from ..correspondence import consecutive_runs
 from ..events import CancelToken, ProgressCallback, Tracker, as_progress
-from ..models import StableDiffusionModel, TextConditioning
+from ..backbones import Backbone, TextConditioning
 from .check import _log_psnr, _psnr_from_error, _reconstruction_error
 from .ddim import _invert_batch, _inversion_bar
 from .source import SourceLatents
@@ -81,7 +81,7 @@ class InversionCache:
         self.root = Path(root)
 
     @staticmethod
-    def key(frames, model: StableDiffusionModel, prompt: str, grid: list[int], save: list[int]) -> str:
+    def key(frames, model: Backbone, prompt: str, grid: list[int], save: list[int]) -> str:
         """``frames``: a uint8 ``[N,H,W,3]`` tensor or a :class:`~tokenflow.framestore.FrameStore` (whose hash
         of the same bytes was taken as it was written: the same key either way)."""
         if hasattr(frames, "sha256"):
@@ -160,7 +160,7 @@ class InversionCache:
     def invert(
         self,
         key: str,
-        model: StableDiffusionModel,
+        model: Backbone,
         frames: torch.Tensor,
         cond: TextConditioning,
         grid: list[int],

@@ -9,7 +9,7 @@ import math
 import torch
 
 from ..events import CancelToken, ProgressCallback, Tracker, as_progress
-from ..models import StableDiffusionModel, TextConditioning
+from ..backbones import Backbone, TextConditioning
 from .ddim import _reconstruct_batch
 from .source import SourceLatents
 
@@ -25,7 +25,7 @@ def _squared_error(a: torch.Tensor, b: torch.Tensor) -> int:
 
 @torch.no_grad()
 def _reconstruction_error(
-    model: StableDiffusionModel,
+    model: Backbone,
     source: SourceLatents,
     cond: TextConditioning,
     start: int,
@@ -51,7 +51,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def reconstruction_psnr(
-    model: StableDiffusionModel,
+    model: Backbone,
     source: SourceLatents,
     cond: TextConditioning,
     batch_size: int = 8,

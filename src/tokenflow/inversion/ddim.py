@@ -8,20 +8,20 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..events import CancelToken, ProgressCallback, Tracker, as_progress
-from ..models import StableDiffusionModel, TextConditioning
+from ..backbones import Backbone, TextConditioning
 from .storage import LazyLatents
 
 __all__ = ["inversion_grid", "ddim_invert", "ddim_reconstruct", "predicted_noise", "ddim_transition", "noised",
            "implied_noise", "PREDICTION_TYPES"]
 
 
-def _timesteps(model: StableDiffusionModel, steps: int) -> list[int]:
+def _timesteps(model: Backbone, steps: int) -> list[int]:
     scheduler = model.make_scheduler()
     scheduler.set_timesteps(steps)
     return [int(t) for t in scheduler.timesteps]
 
 
-def inversion_grid(model: StableDiffusionModel, steps: int, inversion_steps: int) -> tuple[list[int], list[int]]:
+def inversion_grid(model: Backbone, steps: int, inversion_steps: int) -> tuple[list[int], list[int]]:
     """(ascending timesteps the inversion visits, timesteps whose latents are saved).
 
     The grid is the inversion schedule joined with the editing schedule, so any ``steps``/``inversion_steps`` pair
@@ -65,13 +65,9 @@ def implied_noise(x: torch.Tensor, x0: torch.Tensor, alpha) -> torch.Tensor:
     return (x - alpha**0.5 * x0) / (1 - alpha) ** 0.5
 
 
-def _epsilon(model: StableDiffusionModel, output: torch.Tensor, x: torch.Tensor, alpha) -> torch.Tensor:
-    return predicted_noise(model.prediction_type, output, x, alpha)
-
-
 @torch.no_grad()
 def _invert_batch(
-    model: StableDiffusionModel,
+    model: Backbone,
     latents: torch.Tensor,
     cond: TextConditioning,
     grid: list[int],
@@ -93,7 +89,7 @@ def _invert_batch(
         t = grid[i]
         a_t = alphas[t].to(model.device)
         a_prev = (alphas[grid[i - 1]] if i > 0 else scheduler.final_alpha_cumprod).to(model.device)
-        eps = _epsilon(model, model.predict(x, t, text), x, a_t)  # predicted at the target level t
+        eps = model.predicted_noise(model.predict(x, t, text), x, a_t)  # predicted at the target level t
         x = ddim_transition(x, eps, a_prev, a_t)
         if t in saved:
             on_saved(t, x.cpu())
@@ -108,7 +104,7 @@ def _inversion_bar(frames: int, steps: int, initial: int, progress, cancel=None)
 
 @torch.no_grad()
 def ddim_invert(
-    model: StableDiffusionModel,
+    model: Backbone,
     latents: torch.Tensor,
     cond: TextConditioning,
     grid: list[int],
@@ -134,7 +130,7 @@ def ddim_invert(
 
 @torch.no_grad()
 def _reconstruct_batch(
-    model: StableDiffusionModel, top: torch.Tensor, cond: TextConditioning, path: list[int]
+    model: Backbone, top: torch.Tensor, cond: TextConditioning, path: list[int]
 ) -> torch.Tensor:
     """DDIM sampling of one batch from its noisiest latents ``top`` down ``path`` (descending) to t=0."""
     scheduler = model.make_scheduler()
@@ -144,14 +140,14 @@ def _reconstruct_batch(
     for i, t in enumerate(path):
         a_t = alphas[t].to(model.device)
         a_next = (alphas[path[i + 1]] if i + 1 < len(path) else scheduler.final_alpha_cumprod).to(model.device)
-        eps = _epsilon(model, model.predict(x, t, text), x, a_t)
+        eps = model.predicted_noise(model.predict(x, t, text), x, a_t)
         x = ddim_transition(x, eps, a_t, a_next)
     return x.cpu()
 
 
 @torch.no_grad()
 def ddim_reconstruct(
-    model: StableDiffusionModel,
+    model: Backbone,
     noisy: Mapping[int, torch.Tensor | LazyLatents],
     cond: TextConditioning,
     batch_size: int = 8,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..events import CancelToken, ProgressCallback, as_progress
-from ..models import StableDiffusionModel
+from ..backbones import Backbone
 from .cache import InversionCache
 from .check import _log_psnr, reconstruction_psnr
 from .ddim import ddim_invert, inversion_grid
@@ -21,7 +21,7 @@ __all__ = ["invert_frames"]
 
 
 def invert_frames(
-    model: StableDiffusionModel,
+    model: Backbone,
     frames: torch.Tensor,
     *,
     prompt: str = "",

@@ -1,0 +1,142 @@
+"""The model adapter: everything the editing loop, the inversion and the runner need to know about a backbone.
+
+:class:`Backbone` is the one interface they use; :class:`~tokenflow.backbones.sd.StableDiffusionModel` (SD 1.x/2.x)
+and :class:`~tokenflow.backbones.sdxl.StableDiffusionXLModel` implement it. Nothing outside ``backbones/`` reads
+``unet.config`` or asks which family a model is.
+
+What a backbone provides:
+
+- geometry: ``vae_scale_factor``, ``min_side`` (the smallest frame side its deepest level still takes),
+  ``default_size`` (the short side it was trained at) and ``attention_tokens(h, w)`` (tokens per frame at its largest
+  self-attention level, which sizes the keyframe pass);
+- layers by role: ``layers(selection)`` -> the self-attention processors TokenFlow replaces, the decoder
+  self-attentions PnP injects queries/keys into, and the block whose residual features PnP injects;
+- conditioning and prediction: ``condition(prompts, height, width)`` and ``predict(latents, t, cond)``, the raw
+  denoiser output;
+- the noise maths: ``prediction_type`` and ``predicted_noise(output, x, alpha)`` (epsilon / v conversions); the
+  transition itself is one pure function shared by inversion and editing
+  (:func:`tokenflow.inversion.ddim.ddim_transition`);
+- the VAE: ``encode_frames`` / ``decode_latents``; the schedule: ``make_scheduler()`` (timesteps and alphas).
+
+A diffusion-transformer family (SD3's ``SD3Transformer2DModel``, FLUX's ``FluxTransformer2DModel``) would implement
+the same interface: ``attention_tokens`` is the number of image tokens (latent h*w / patch size^2);
+``layers`` names the joint-attention blocks (image-token part only: text tokens stay per frame) and, for PnP, the
+blocks that carry structure (chosen by measurement) and the feature to inject; ``condition`` returns the joint
+text tokens and pooled embeddings (and FLUX's guidance embedding); ``predict`` returns the velocity, and the noise
+maths becomes flow matching's (``x_t = (1 - s) x0 + s eps``, an Euler step instead of DDIM's transition), so
+``prediction_type`` gains ``"flow"`` and the inversion an ODE inversion on the editing grid. The attention
+processors would need a joint-attention variant that splits image from text tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Backbone", "TextConditioning", "Layers"]
+
+
+@dataclass
+class TextConditioning:
+    """Per-prompt UNet conditioning: text embeddings and, for SDXL, the added pooled-text/time-id embeddings."""
+
+    embeds: torch.Tensor  # [P, L, D]
+    added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds [P, 1280], time_ids [P, 6]
+
+    def rows(self, index: list[int] | torch.Tensor) -> "TextConditioning":
+        """The conditioning of the given prompt rows, in that order (rows may repeat)."""
+        index = torch.as_tensor(index, device=self.embeds.device)
+        added = None if self.added is None else {k: v[index.to(v.device)] for k, v in self.added.items()}
+        return TextConditioning(self.embeds[index], added)
+
+    def unet_kwargs(self) -> dict:
+        kwargs = {"encoder_hidden_states": self.embeds}
+        if self.added is not None:
+            kwargs["added_cond_kwargs"] = self.added
+        return kwargs
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The layers an edit touches, by role (names as in ``unet.attn_processors`` / ``unet.named_modules()``)."""
+
+    self_attention: tuple[str, ...]  # processors TokenFlow replaces (keyframe attention, propagation)
+    qk: tuple[str, ...]  # PnP: processors whose edited branches take the source's queries and keys
+    residual: tuple[str, ...]  # PnP: blocks whose edited branches take the source's residual features
+
+    def __iter__(self):  # unpacks as (self_attention, qk, residual) lists
+        return iter((list(self.self_attention), list(self.qk), list(self.residual)))
+
+
+_UNET_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+class Backbone(ABC):
+    """The model adapter (see the module docstring). Implementations also carry ``device``, ``dtype``,
+    ``model_id``, ``revision``, ``loras``, ``controlnet`` and the modules themselves."""
+
+    family: str = ""
+    unet: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by every edit and inversion: processors installed on a denoiser belong to one edit at a time, so
+        every adapter wrapping the same module (an editor's, a pipeline's) shares one lock."""
+        with _LOCKS_GUARD:
+            return _UNET_LOCKS.setdefault(self.unet, threading.RLock())
+
+    @property
+    @abstractmethod
+    def vae_scale_factor(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def min_side(self) -> int:
+        """The smallest frame side in pixels the denoiser's deepest level still takes."""
+
+    @property
+    @abstractmethod
+    def default_size(self) -> int:
+        """The short side in pixels the checkpoint was trained at."""
+
+    @abstractmethod
+    def attention_tokens(self, latent_height: int, latent_width: int) -> int:
+        """Tokens per frame at the largest self-attention level, for latents of that size."""
+
+    @abstractmethod
+    def layers(self, selection=None) -> Layers:
+        """The layers of each role for ``selection`` (a :class:`~tokenflow.backbones.unet_layers.LayerSelection`
+        or ``None`` for the defaults); an empty role is an error naming the model and the selection."""
+
+    @property
+    @abstractmethod
+    def prediction_type(self) -> str: ...
+
+    def predicted_noise(self, output: torch.Tensor, x: torch.Tensor, alpha) -> torch.Tensor:
+        """The raw output at noise level ``alpha`` as predicted noise (the family's parametrisation)."""
+        from ..inversion.ddim import predicted_noise
+
+        return predicted_noise(self.prediction_type, output, x, alpha)
+
+    @abstractmethod
+    def make_scheduler(self):
+        """A fresh scheduler with the checkpoint's noise schedule (timesteps and alphas)."""
+
+    @abstractmethod
+    def condition(self, prompts: list[str], height: int, width: int) -> TextConditioning: ...
+
+    @abstractmethod
+    def predict(self, latents: torch.Tensor, t, cond: TextConditioning, **extra) -> torch.Tensor: ...
+
+    @abstractmethod
+    def encode_frames(self, frames, batch_size: int = 8) -> torch.Tensor: ...
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
