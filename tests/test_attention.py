@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from tokenflow.attention import (
+    FrameCall,
+    Injection,
+    KeyframeCall,
     KeyframeTokens,
+    PropagationCall,
     TokenFlowAttnProcessor,
     TokenFlowState,
     extended_attention,
@@ -39,22 +43,24 @@ def test_processors_in_default_mode_equal_diffusers_attention_exactly(model):
     expected = _unet(model, latents, text)
     state = TokenFlowState()
     with tokenflow_attention(model.unet, state):
-        assert torch.equal(_unet(model, latents, text), expected)
+        assert torch.equal(_unet(model, latents, text), expected)  # outside a call: the layers' own processors
         # our own attention path with sharing and injection off is diffusers' computation too
-        state.mode, state.extended = "keyframe", False
-        assert torch.equal(_unet(model, latents, text), expected)
+        with state.calling(FrameCall()):
+            assert torch.equal(_unet(model, latents, text), expected)
         # and extended attention really changes the output when frames are shared
-        state.extended = True
-        assert not torch.allclose(_unet(model, latents, text), expected, atol=1e-4)
+        with state.calling(KeyframeCall.all(2, store=False)):
+            assert not torch.allclose(_unet(model, latents, text), expected, atol=1e-4)
+        assert state.call is None
 
 
 def test_apply_then_remove_restores_the_unet_exactly(model):
     latents, text = _inputs(model, seed=1)
     before = _unet(model, latents, text)
     processors = model.unet.attn_processors
-    state = TokenFlowState(mode="keyframe", qk_inject=True, conv_inject=True)
+    state = TokenFlowState()
     with tokenflow_attention(model.unet, state) as (self_attn, qk, conv):
-        changed = _unet(model, latents, text)
+        with state.calling(KeyframeCall.all(2, store=False, inject=Injection(qk=True, residual=True))):
+            changed = _unet(model, latents, text)
         assert all(isinstance(model.unet.attn_processors[n], TokenFlowAttnProcessor) for n in self_attn)
         assert len(model.unet.get_submodule(conv[0]).conv2._forward_hooks) == 1
     assert not torch.equal(changed, before)
@@ -92,11 +98,12 @@ def test_extended_attention_equals_a_naive_per_head_computation():
 def test_pnp_qk_injection_uses_source_queries_and_keys_and_edited_values(model, record_difference):
     name = "up_blocks.2.attentions.1.transformer_blocks.0.attn1.processor"
     attn = model.unet.get_submodule(name.rsplit(".processor", 1)[0])
-    state = TokenFlowState(mode="keyframe", extended=False, qk_inject=True)
+    state = TokenFlowState()
     proc = TokenFlowAttnProcessor(state, name, inject_qk=True)
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(3, 16, attn.to_q.in_features, generator=g)
-    out = proc(attn, hidden)
+    with state.calling(FrameCall(Injection(qk=True))):
+        out = proc(attn, hidden)
     # naive: branch b uses q, k of the source branch (index 0) and v of its own
     heads = attn.heads
     for b in range(3):
@@ -112,13 +119,14 @@ def test_pnp_qk_injection_uses_source_queries_and_keys_and_edited_values(model, 
 
 
 def test_conv_injection_copies_the_source_residual_into_the_edited_branches(model):
-    state = TokenFlowState(conv_inject=True)
+    state = TokenFlowState()
     captured = {}
     with tokenflow_attention(model.unet, state) as (_, _, conv):
         conv2 = model.unet.get_submodule(conv[0]).conv2
         handle = conv2.register_forward_hook(lambda m, a, o: captured.setdefault("out", o))
         latents, text = _inputs(model, n=2, seed=4)
-        _unet(model, latents, text)
+        with state.calling(FrameCall(Injection(residual=True))):
+            _unet(model, latents, text)
         handle.remove()
     out = captured["out"]
     assert torch.equal(out[2:4], out[0:2]) and torch.equal(out[4:6], out[0:2])
@@ -199,17 +207,15 @@ def test_propagation_copies_tokens_from_the_matched_keyframes_and_blends_them(mo
     # frame 0 is keyframe 0's tokens permuted; frame 1 is keyframe 1's tokens permuted
     source = torch.stack([kf_inputs[0, perm0], kf_inputs[1, perm1]])
     hidden = torch.cat([source, torch.randn(4, length, c, generator=g)])  # edited branches' tokens are ignored
-    state = TokenFlowState(mode="propagate")
+    state = TokenFlowState()
     state.cache.store(name, [0, 1], KeyframeTokens(source_inputs=kf_inputs, outputs=kf_outputs))
-    state.prev_index, state.next_index = torch.tensor([0, 0]), torch.tensor([0, 1])
-    state.next_weight = torch.tensor([1.0, 1.0])
-    out = TokenFlowAttnProcessor(state, name)(attn, hidden).view(3, 2, length, c)
+    with state.calling(PropagationCall(prev=(0, 0), next=(0, 1), next_weight=(1.0, 1.0))):
+        out = TokenFlowAttnProcessor(state, name)(attn, hidden).view(3, 2, length, c)
     assert torch.equal(out[:, 0], kf_outputs[:, 0, perm0])  # every branch, the same indices
     assert torch.equal(out[:, 1], kf_outputs[:, 1, perm1])
     # blended: w * next + (1 - w) * prev, with each keyframe matched separately
-    state.prev_index, state.next_index = torch.tensor([0, 0]), torch.tensor([1, 1])
-    state.next_weight = torch.tensor([0.25, 0.25])
-    out = TokenFlowAttnProcessor(state, name)(attn, hidden).view(3, 2, length, c)
+    with state.calling(PropagationCall(prev=(0, 0), next=(1, 1), next_weight=(0.25, 0.25))):
+        out = TokenFlowAttnProcessor(state, name)(attn, hidden).view(3, 2, length, c)
     nn_next = nearest_neighbors(source[:1], kf_inputs[1:2])[0]
     expected = 0.25 * kf_outputs[:, 1, nn_next] + 0.75 * kf_outputs[:, 0, perm0]
     # the same two products and one sum per value, in float32: exact on any kernel
@@ -219,14 +225,13 @@ def test_propagation_copies_tokens_from_the_matched_keyframes_and_blends_them(mo
 def test_a_keyframe_propagated_from_itself_gets_its_keyframe_output_back_exactly(model):
     """Why the editor may keep the keyframe pass's result for keyframes (linear blending)."""
     latents, text = _inputs(model, n=3, seed=6)
-    state = TokenFlowState(qk_inject=True, conv_inject=True)
+    state = TokenFlowState()
+    inject = Injection(qk=True, residual=True)
     with tokenflow_attention(model.unet, state):
-        state.mode, state.extended, state.store = "keyframe", True, True
-        keyframe_out = _unet(model, latents, text)
-        state.mode, state.store = "propagate", False
-        state.prev_index = state.next_index = torch.tensor([0, 1, 2])
-        state.next_weight = torch.ones(3)
-        propagated = _unet(model, latents, text)
+        with state.calling(KeyframeCall.all(3, inject=inject)):
+            keyframe_out = _unet(model, latents, text)
+        with state.calling(PropagationCall((0, 1, 2), (0, 1, 2), (1.0, 1.0, 1.0), inject)):
+            propagated = _unet(model, latents, text)
     assert torch.equal(propagated, keyframe_out)
 
 
@@ -272,9 +277,39 @@ def test_calls_tokenflow_leaves_alone_go_to_the_layers_own_processor(model):
         with tokenflow_attention(model.unet, state) as (self_attn, _, _):
             _unet(model, latents, text)
             assert all(users[name].calls == 1 for name in self_attn)  # not a fresh AttnProcessor2_0
-            state.mode = "keyframe"  # TokenFlow's own attention: the user's processor is not called
-            _unet(model, latents, text)
+            with state.calling(FrameCall()):  # TokenFlow's own attention: the user's processor is not called
+                _unet(model, latents, text)
             assert all(users[name].calls == 1 for name in self_attn)
         assert all(model.unet.attn_processors[n] is users[n] for n in original)  # restored to the user's
     finally:
         model.unet.set_attn_processor(original)
+
+
+def test_a_call_that_cannot_make_sense_cannot_be_described():
+    """The call values refuse nonsensical combinations up front, instead of a processor guessing later."""
+    for bad in [
+        lambda: KeyframeCall(positions=(2, 1), num_keyframes=3),  # not ascending
+        lambda: KeyframeCall(positions=(0, 3), num_keyframes=3),  # outside the step's keyframes
+        lambda: KeyframeCall(positions=(0, 1), num_keyframes=2, store=(2,)),  # a row the call does not have
+        lambda: KeyframeCall(positions=(0,), num_keyframes=1, window=-1),
+        lambda: PropagationCall(prev=(0, 1), next=(1,), next_weight=(0.5, 0.5)),  # one keyframe pair per frame
+        lambda: PropagationCall(prev=(0,), next=(1,), next_weight=(1.5,)),
+    ]:
+        with pytest.raises(ValueError):
+            bad()
+    state = TokenFlowState()
+    with pytest.raises(TypeError):
+        with state.calling("keyframe"):
+            pass  # pragma: no cover
+    with pytest.raises(RuntimeError, match="boom"):
+        with state.calling(FrameCall()):
+            raise RuntimeError("boom")
+    assert state.call is None  # reset after every call, errors included
+
+
+def test_a_keyframe_call_for_another_number_of_frames_is_refused_by_the_processor(model):
+    latents, text = _inputs(model, n=2, seed=8)
+    state = TokenFlowState()
+    with tokenflow_attention(model.unet, state):
+        with state.calling(KeyframeCall.all(3)), pytest.raises(RuntimeError, match="3 frames"):
+            _unet(model, latents, text)

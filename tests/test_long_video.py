@@ -6,8 +6,6 @@ the host-memory test: one invert + edit in a fresh process, printing its peak me
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import math
 import os
@@ -19,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenflow import editor as editor_module
 from tokenflow.attention import (
     KeyframeCache,
+    KeyframeCall,
     KeyframeTokens,
+    PropagationCall,
     TokenFlowState,
     anchor_positions,
     auto_keyframe_batch,
@@ -69,17 +68,9 @@ def _config(**kw) -> EditConfig:
     return EditConfig(**base)
 
 
-_LONG_OPTIONS = ("keyframe_window", "anchors", "offload_cache")
-
-
 def _long_config(monkeypatch, keyframe_window=None, anchors=0, offload_cache=False, **kw) -> EditConfig:
-    """An EditConfig with the long-video options: its own fields where it has them, else set on the editor's
-    TokenFlowState (``keyframe_window=None``: full attention)."""
-    options = dict(keyframe_window=keyframe_window, anchors=anchors, offload_cache=offload_cache)
-    if set(_LONG_OPTIONS) <= {f.name for f in dataclasses.fields(EditConfig)}:
-        return _config(**options, **kw)
-    monkeypatch.setattr(editor_module, "TokenFlowState", functools.partial(TokenFlowState, **options))
-    return _config(**kw)
+    """An EditConfig with the long-video options (``keyframe_window=None``: full attention)."""
+    return _config(keyframe_window=keyframe_window, anchors=anchors, offload_cache=offload_cache, **kw)
 
 
 # -- windowed extended attention ------------------------------------------------------------------------------
@@ -156,13 +147,13 @@ def test_windowed_keyframe_pass_in_the_unet(model):
     text = torch.randn(3 * n, 77, model.text_encoder.config.hidden_size, generator=g)
 
     def run(**options):
-        state = TokenFlowState(mode="keyframe", **options)
-        with tokenflow_attention(model.unet, state):
+        state = TokenFlowState()
+        with tokenflow_attention(model.unet, state), state.calling(KeyframeCall.all(n, store=False, **options)):
             return model.unet(latents, 501, encoder_hidden_states=text).sample
 
     full = run()
-    assert torch.equal(run(keyframe_window=n - 1, anchors=2), full)
-    windowed = run(keyframe_window=1)
+    assert torch.equal(run(window=n - 1, anchors=2), full)
+    windowed = run(window=1)
     assert not torch.allclose(windowed, full, atol=1e-4)
     # the source branch never shares attention, so it is untouched by the window
     assert torch.equal(windowed[:n], full[:n])
@@ -377,15 +368,13 @@ def test_offloaded_propagation_matches_on_device_propagation_with_real_neighbour
     text = torch.randn(12, 77, model.text_encoder.config.hidden_size, generator=g)
     outs = []
     for offload in (False, True):
-        state = TokenFlowState(offload_cache=offload, keyframe_window=1)
+        state = TokenFlowState(offload_cache=offload)
         with tokenflow_attention(model.unet, state):
-            state.mode, state.store = "keyframe", True
-            model.unet(latents, 301, encoder_hidden_states=text)
+            with state.calling(KeyframeCall.all(4, window=1)):
+                model.unet(latents, 301, encoder_hidden_states=text)
             assert state.cache.devices() == {"cpu"} and len(state.cache) > 0
-            state.mode, state.store = "propagate", False
-            state.prev_index, state.next_index = torch.tensor([0, 1, 3, 2]), torch.tensor([1, 2, 3, 3])
-            state.next_weight = torch.tensor([0.25, 0.5, 1.0, 0.75])
-            outs.append(model.unet(latents, 301, encoder_hidden_states=text).sample)
+            with state.calling(PropagationCall((0, 1, 3, 2), (1, 2, 3, 3), (0.25, 0.5, 1.0, 0.75))):
+                outs.append(model.unet(latents, 301, encoder_hidden_states=text).sample)
     assert torch.equal(outs[0], outs[1])
 
 

@@ -8,7 +8,7 @@ import av
 import pytest
 import torch
 
-from tokenflow.attention import TokenFlowState, tokenflow_attention
+from tokenflow.attention import Injection, KeyframeCall, TokenFlowState, tokenflow_attention
 from tokenflow.backbones import select_layers
 from tokenflow.cli import main
 from tokenflow.models import load_model
@@ -56,8 +56,8 @@ def test_processors_on_sdxl_apply_and_remove_exactly(xl):
     state = TokenFlowState()
     with tokenflow_attention(xl.unet, state):
         assert torch.equal(xl.predict(latents, 500, cond), before)
-        state.mode, state.qk_inject, state.conv_inject = "keyframe", True, True
-        assert not torch.allclose(xl.predict(latents, 500, cond), before, atol=1e-4)
+        with state.calling(KeyframeCall.all(2, store=False, inject=Injection(qk=True, residual=True))):
+            assert not torch.allclose(xl.predict(latents, 500, cond), before, atol=1e-4)
     assert torch.equal(xl.predict(latents, 500, cond), before)
 
 

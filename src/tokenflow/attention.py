@@ -5,8 +5,11 @@ Every UNet call made by the editor carries three branches stacked on the batch a
     [ source (x_t^src, inversion prompt) | uncond (edited, negative prompt) | cond (edited, target prompt) ]
 
 The processors replace the self-attention (``attn1``) of every transformer block and read one
-:class:`TokenFlowState`, owned by the editor and reset per edit. Nothing is stored on the modules, and
-:func:`tokenflow_attention` restores the UNet's original processors and removes its hooks on exit.
+:class:`TokenFlowState`, owned by the editor and reset per edit. Each UNet call is described by one immutable value
+(:class:`FrameCall`, :class:`KeyframeCall` or :class:`PropagationCall`, each with the step's PnP
+:class:`Injection`), set for the length of the call by :meth:`TokenFlowState.calling`; outside a call the layer's own
+processor runs. Nothing is stored on the modules, and :func:`tokenflow_attention` restores the UNet's original
+processors and removes its hooks on exit.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ __all__ = [
     "KeyframeCache",
     "to_host",
     "TokenFlowState",
+    "Injection",
+    "FrameCall",
+    "KeyframeCall",
+    "PropagationCall",
+    "Call",
     "TokenFlowAttnProcessor",
     "extended_attention",
     "windowed_extended_attention",
@@ -120,58 +128,107 @@ class KeyframeCache:
         return len(self._layers)
 
 
-@dataclass
-class TokenFlowState:
-    """The one mutable object of an edit, shared by the processors and hooks it installs.
+@dataclass(frozen=True)
+class Injection:
+    """Plug-and-Play for one step: whether the edited branches take the source branch's decoder self-attention
+    queries/keys (``qk``) and its residual features (``residual``)."""
 
-    ``mode``: ``"default"`` (plain attention), ``"keyframe"`` (attention computed, optionally extended across the
-    call's frames and stored) or ``"propagate"`` (attention replaced by keyframe tokens gathered along the source
-    nearest-neighbour field and blended with ``next_weight``).
+    qk: bool = False
+    residual: bool = False
 
-    Options for long videos (kept by :meth:`reset`, which clears only the per-call state):
 
-    ``keyframe_window``: ``None`` for full joint attention across the keyframes (the paper's extended attention);
-    an integer ``K`` makes keyframe ``j`` attend only to keyframes ``j-K .. j+K`` plus the ``anchors`` keyframes
-    (see :func:`windowed_extended_attention`), so the keyframe pass costs O(k * K) instead of O(k^2).
-    ``anchors``: number of global anchor keyframes, evenly spaced (:func:`anchor_positions`), that every keyframe
-    attends to in windowed mode; they carry one appearance across the whole video.
-    ``offload_cache``: keep the stored :class:`KeyframeTokens` in host memory and move to the device only the
-    keyframes a propagation batch uses; the results are identical.
+NO_INJECTION = Injection()
 
-    Per keyframe call (set by the editor when it splits the keyframe pass into several calls): ``positions``, the positions
-    of the call's frames among the step's ``num_keyframes`` sorted keyframes (``None``: the call holds all of
-    them, in order), which place the attention windows and anchors; ``store_rows``, the call's rows whose tokens
-    go to the cache (``None``: all), stored under their positions.
-    """
 
-    mode: str = "default"
-    extended: bool = True
-    store: bool = False
-    qk_inject: bool = False
-    conv_inject: bool = False
-    prev_index: torch.Tensor | None = None  # [n] positions into the stored keyframes
-    next_index: torch.Tensor | None = None
-    next_weight: torch.Tensor | None = None  # [n] float32
-    cache: KeyframeCache = field(default_factory=KeyframeCache)
-    positions: list[int] | None = None
-    num_keyframes: int | None = None
-    store_rows: list[int] | None = None
-    keyframe_window: int | None = None
+@dataclass(frozen=True)
+class FrameCall:
+    """A UNet call whose frames each attend to themselves only (the per-frame baseline), with PnP injection."""
+
+    inject: Injection = NO_INJECTION
+
+
+@dataclass(frozen=True)
+class KeyframeCall:
+    """A call of the keyframe pass: its frames are the keyframes at ``positions`` (ascending) among the step's
+    ``num_keyframes``; in the edited branches each attends jointly to the keyframes of its ``window`` (``None``:
+    all of them, the paper's extended attention) and the ``anchors`` (:func:`windowed_extended_attention`); the
+    source branch stays per frame. The tokens of the rows ``store`` go to the keyframe cache, under their
+    positions, for the propagation calls that follow."""
+
+    positions: tuple[int, ...]
+    num_keyframes: int
+    store: tuple[int, ...] = ()
+    window: int | None = None
     anchors: int = 0
-    offload_cache: bool = False
+    inject: Injection = NO_INJECTION
 
     def __post_init__(self):
-        if self.keyframe_window is not None and self.keyframe_window < 0:
-            raise ValueError(f"keyframe_window {self.keyframe_window}: must be None (full attention) or >= 0")
+        positions = self.positions
+        if list(positions) != sorted(set(positions)) or not positions:
+            raise ValueError(f"keyframe positions {positions}: must be a non-empty ascending list")
+        if positions[0] < 0 or positions[-1] >= self.num_keyframes:
+            raise ValueError(f"keyframe positions {positions}: outside 0..{self.num_keyframes - 1}")
+        if any(not 0 <= r < len(positions) for r in self.store) or len(set(self.store)) != len(self.store):
+            raise ValueError(f"stored rows {self.store}: must be distinct rows of the call's {len(positions)} frames")
+        if self.window is not None and self.window < 0:
+            raise ValueError(f"keyframe window {self.window}: must be None (full attention) or >= 0")
         if self.anchors < 0:
             raise ValueError(f"anchors {self.anchors}: must be >= 0")
 
+    @classmethod
+    def all(cls, n: int, store: bool = True, **kwargs) -> "KeyframeCall":
+        """A call of all ``n`` keyframes of a step, in order (storing every row unless ``store=False``)."""
+        return cls(tuple(range(n)), n, tuple(range(n)) if store else (), **kwargs)
+
+
+@dataclass(frozen=True)
+class PropagationCall:
+    """A call of the propagation pass: frame ``i`` takes, in every self-attention layer, the stored keyframe
+    tokens that are its nearest neighbours in the source branch, from its previous and next keyframes (positions
+    among the stored keyframes), blended ``next_weight[i] * next + (1 - next_weight[i]) * previous``."""
+
+    prev: tuple[int, ...]
+    next: tuple[int, ...]
+    next_weight: tuple[float, ...]
+    inject: Injection = NO_INJECTION
+
+    def __post_init__(self):
+        if not (len(self.prev) == len(self.next) == len(self.next_weight)) or not self.prev:
+            raise ValueError("a propagation call needs one previous keyframe, next keyframe and weight per frame")
+        if any(not 0.0 <= w <= 1.0 for w in self.next_weight):
+            raise ValueError(f"blend weights {self.next_weight}: must lie in [0, 1]")
+
+
+Call = FrameCall | KeyframeCall | PropagationCall
+
+
+@dataclass
+class TokenFlowState:
+    """The one mutable object of an edit, shared by the processors and hooks it installs: the keyframe cache and
+    the description of the UNet call in progress (:meth:`calling`). Outside a call (``call is None``) every
+    processor hands the call to the layer's own processor, so the UNet computes exactly what it did before.
+
+    ``offload_cache``: keep the stored :class:`KeyframeTokens` in host memory and move to the device only the
+    keyframes a propagation batch uses; the results are identical.
+    """
+
+    cache: KeyframeCache = field(default_factory=KeyframeCache)
+    offload_cache: bool = False
+    call: Call | None = None
+
+    @contextmanager
+    def calling(self, call: Call) -> Iterator[None]:
+        """Describe the UNet call(s) made inside the block; reset afterwards, errors included."""
+        if not isinstance(call, (FrameCall, KeyframeCall, PropagationCall)):
+            raise TypeError(f"{call!r} is not a FrameCall, KeyframeCall or PropagationCall")
+        self.call = call
+        try:
+            yield
+        finally:
+            self.call = None
+
     def reset(self) -> None:
-        self.mode = "default"
-        self.extended = True
-        self.store = self.qk_inject = self.conv_inject = False
-        self.prev_index = self.next_index = self.next_weight = None
-        self.positions = self.num_keyframes = self.store_rows = None
+        self.call = None
         self.cache.clear()
 
 
@@ -340,19 +397,14 @@ class TokenFlowAttnProcessor:
         self._default = fallback
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        state = self.state
-        if (
-            state.mode == "default"
-            or encoder_hidden_states is not None
-            or attention_mask is not None
-            or hidden_states.ndim != 3
-        ):
+        call = self.state.call
+        if call is None or encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             return self._default(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        if state.mode == "propagate":
-            return self._propagate(hidden_states)
-        return self._keyframe_attention(attn, hidden_states)
+        if isinstance(call, PropagationCall):
+            return self._propagate(hidden_states, call)
+        return self._attention(attn, hidden_states, call)
 
-    def _keyframe_attention(self, attn, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _attention(self, attn, hidden_states: torch.Tensor, call: FrameCall | KeyframeCall) -> torch.Tensor:
         state = self.state
         total, length, _ = hidden_states.shape
         n = total // NUM_BRANCHES
@@ -360,7 +412,7 @@ class TokenFlowAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if state.qk_inject and self.inject_qk:
+        if call.inject.qk and self.inject_qk:
             # Plug-and-Play: the edited branches take the source branch's queries and keys (values kept).
             q = q[:n].repeat(NUM_BRANCHES, 1, 1)
             k = k[:n].repeat(NUM_BRANCHES, 1, 1)
@@ -369,12 +421,15 @@ class TokenFlowAttnProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        if state.extended and n > 1:
+        keyframes = isinstance(call, KeyframeCall)
+        if keyframes and len(call.positions) != n:
+            raise RuntimeError(f"{call} describes {len(call.positions)} frames, the UNet call has {n}")
+        if keyframes and n > 1:
             per_frame = F.scaled_dot_product_attention(q[:n], k[:n], v[:n])  # the source branch stays per frame
             shape = (NUM_BRANCHES - 1, n) + q.shape[1:]
             joint = windowed_extended_attention(
-                q[n:].view(shape), k[n:].view(shape), v[n:].view(shape), state.keyframe_window, state.anchors,
-                state.positions, state.num_keyframes,
+                q[n:].view(shape), k[n:].view(shape), v[n:].view(shape), call.window, call.anchors,
+                call.positions, call.num_keyframes,
             )
             out = torch.cat([per_frame, joint.reshape((NUM_BRANCHES - 1) * n, *q.shape[1:])])
         else:
@@ -384,35 +439,33 @@ class TokenFlowAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         out = out / attn.rescale_output_factor
-        if state.store:
-            rows = list(range(n)) if state.store_rows is None else state.store_rows
-            positions = rows if state.positions is None else [state.positions[r] for r in rows]
+        if keyframes and call.store:
+            rows = list(call.store)
             tokens = KeyframeTokens(source_inputs=hidden_states[:n], outputs=out.view(NUM_BRANCHES, n, length, -1))
-            state.cache.store(self.name, positions, tokens, rows=rows, offload=state.offload_cache)
+            state.cache.store(self.name, [call.positions[r] for r in rows], tokens, rows=rows,
+                              offload=state.offload_cache)
         return out
 
-    def _propagate(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        state = self.state
+    def _propagate(self, hidden_states: torch.Tensor, call: PropagationCall) -> torch.Tensor:
         total, length, dim = hidden_states.shape
         n = total // NUM_BRANCHES
+        if len(call.prev) != n:
+            raise RuntimeError(f"a propagation call of {len(call.prev)} frames got a UNet call of {n}")
         source = hidden_states[:n]  # correspondences come from the source video only
-        next_index, prev_index = state.next_index.tolist(), state.prev_index.tolist()
         # bring over only the keyframes this batch blends, renumbered in that subset
-        needed = sorted(set(next_index) | set(prev_index))
-        stored = state.cache.fetch(self.name, needed, hidden_states.device)
+        needed = sorted(set(call.next) | set(call.prev))
+        stored = self.state.cache.fetch(self.name, needed, hidden_states.device)
         local = {j: i for i, j in enumerate(needed)}
-        next_index, prev_index = [local[j] for j in next_index], [local[j] for j in prev_index]
         result = []
         for f in range(n):  # one frame at a time bounds the [L, L] similarity matrix
-            j_next, j_prev = next_index[f], prev_index[f]
+            j_next, j_prev, w = local[call.next[f]], local[call.prev[f]], call.next_weight[f]
             nn_next = nearest_neighbors(source[f : f + 1], stored.source_inputs[j_next : j_next + 1])
             out = gather_tokens(stored.outputs[:, j_next : j_next + 1], nn_next)
-            w = state.next_weight[f]
             if j_prev != j_next or w != 1.0:
                 nn_prev = nearest_neighbors(source[f : f + 1], stored.source_inputs[j_prev : j_prev + 1])
                 prev = gather_tokens(stored.outputs[:, j_prev : j_prev + 1], nn_prev)
-                w = w.to(out.device)
-                out = (w * out.float() + (1 - w) * prev.float()).to(out.dtype)
+                weight = torch.tensor(w, dtype=torch.float32, device=out.device)
+                out = (weight * out.float() + (1 - weight) * prev.float()).to(out.dtype)
             result.append(out)
         return torch.cat(result, dim=1).reshape(total, length, dim)
 
@@ -422,7 +475,7 @@ def _conv_injection_hook(state: TokenFlowState):
     (after conv2, before the shortcut is added; each branch keeps its own shortcut)."""
 
     def hook(module, args, output):
-        if not state.conv_inject:
+        if state.call is None or not state.call.inject.residual:
             return None
         n = output.shape[0] // NUM_BRANCHES
         return output[:n].repeat(NUM_BRANCHES, 1, 1, 1)

@@ -17,27 +17,31 @@ import torch
 
 from .attention import (
     NUM_BRANCHES,
+    Call,
+    FrameCall,
+    Injection,
+    KeyframeCall,
+    PropagationCall,
     TokenFlowState,
     anchor_positions,
     auto_keyframe_batch,
     auto_keyframe_window,
     tokenflow_attention,
 )
-from .control import to_control_tensor
 from .correspondence import linear_neighbors, reference_neighbors
 from .errors import InputError
 from .events import CancelToken, ProgressCallback, Tracker, as_progress
 from .inversion import InversionCache, SourceLatents, invert_frames
 from .inversion.ddim import ddim_transition, implied_noise, noised
 from .keyframes import KeyframeSchedule, RandomKeyframes, make_schedule
+from .modes import MODES, get_mode
 from .backbones import DEFAULT_MODEL, Backbone, LayerSelection, TextConditioning, load_model
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
 PROPAGATION_MODES = ("tokenflow", "none")
-EDIT_MODES = ("pnp", "sdedit", "controlnet")
-DEFAULT_SDEDIT_STRENGTH = 0.9
+EDIT_MODES = tuple(MODES)
 BLENDING_MODES = ("linear", "reference")
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "EditConfig", "EditOutput", "TokenFlowEditor"]
@@ -71,13 +75,11 @@ class EditConfig:
 
     @property
     def effective_strength(self) -> float:
-        if self.strength is not None:
-            return self.strength
-        return DEFAULT_SDEDIT_STRENGTH if self.mode == "sdedit" else 1.0
+        return self.strength if self.strength is not None else get_mode(self.mode).default_strength
 
     @property
     def effective_pnp(self) -> bool:
-        return self.pnp if self.pnp is not None else self.mode == "pnp"
+        return self.pnp if self.pnp is not None else get_mode(self.mode).pnp_by_default
 
     def check_inputs(self) -> None:
         """Raise :class:`InputError` naming the first bad value."""
@@ -96,8 +98,7 @@ class EditConfig:
             raise InputError(f"--blending {self.blending!r}: unknown; use linear or reference")
         if self.guidance_scale < 0:
             raise InputError(f"--guidance-scale {self.guidance_scale}: must not be negative")
-        if self.mode not in EDIT_MODES:
-            raise InputError(f"--mode {self.mode!r}: unknown; use pnp, sdedit or controlnet")
+        get_mode(self.mode)  # names the known modes when unknown
         if self.strength is not None and not 0.0 <= self.strength <= 1.0:
             raise InputError(f"--strength {self.strength}: must be between 0 and 1")
         window = self.keyframe_window
@@ -225,8 +226,10 @@ class TokenFlowEditor:
         scheduler = model.make_scheduler()
         scheduler.set_timesteps(config.steps)
         schedule_all = [int(t) for t in scheduler.timesteps]
-        n_run = round(config.effective_strength * config.steps)
-        timesteps = schedule_all[config.steps - n_run :] if n_run else []
+        mode = get_mode(config.mode)
+        plan = mode.plan(schedule_all, config.effective_strength, config.effective_pnp, config.pnp_attn_t,
+                         config.pnp_f_t)
+        timesteps = plan.timesteps
         missing = [t for t in timesteps if t not in source.noisy]
         if missing:
             raise InputError(
@@ -234,10 +237,7 @@ class TokenFlowEditor:
                 "invert with the same --steps"
             )
         n_frames = source.clean.shape[0]
-        use_pnp = config.effective_pnp
-        qk_steps = set(schedule_all[: int(config.steps * config.pnp_attn_t)]) if use_pnp else set()
-        conv_steps = set(schedule_all[: int(config.steps * config.pnp_f_t)]) if use_pnp else set()
-        controlnet = self._check_control(config, control, source)
+        conditioner = mode.conditioner(model, control, config.controlnet_scale, tuple(source.clean.shape))
 
         if not timesteps:  # strength 0: nothing to denoise, the clean latents come back
             return EditOutput(source.clean.clone(), [], [], 0, time.perf_counter() - started)
@@ -262,14 +262,12 @@ class TokenFlowEditor:
         tokens_per_frame = model.attention_tokens(source.clean.shape[2], source.clean.shape[3])
         window = config.resolve_keyframe_window(n_frames, tokens_per_frame)
         offload = config.offload_cache if config.offload_cache is not None else model.device.type != "cpu"
-        state = TokenFlowState(keyframe_window=window, anchors=config.anchors, offload_cache=offload)
-        plan = _KeyframePlan(window, config.anchors, config.resolve_keyframe_batch(window, tokens_per_frame))
+        state = TokenFlowState(offload_cache=offload)
+        chunks = _KeyframePlan(window, config.anchors, config.resolve_keyframe_batch(window, tokens_per_frame))
         if window is not None and config.propagation != "none":
             logger.info("keyframe attention window: %d keyframes each side, %d anchors, %s keyframes per call",
-                        window, config.anchors, plan.batch or "all")
-        run = _StepRunner(model, alphas, alpha_next, texts, config.guidance_scale, state)
-        if controlnet is not None:
-            run.controlnet, run.control, run.control_scale = controlnet, control, config.controlnet_scale
+                        window, config.anchors, chunks.batch or "all")
+        run = _StepRunner(model, alphas, alpha_next, texts, config.guidance_scale, state, conditioner)
         used_keyframes: list[list[int]] = []
 
         bar = Tracker("editing", len(timesteps) * n_frames, progress, cancel)
@@ -277,17 +275,17 @@ class TokenFlowEditor:
         with tokenflow_attention(model.unet, state, model.layers(config.layers)):
             for step, t in enumerate(timesteps):
                 bar.detail = f"step {step + 1}/{len(timesteps)}"
-                state.qk_inject = t in qk_steps
-                state.conv_inject = t in conv_steps
+                inject = plan.injections[t]  # PnP gating is part of the step
                 src_t = source.noisy[t]
                 if config.propagation == "none":
-                    x = self._per_frame_step(run, x, src_t, t, config.batch_size)
+                    x = self._per_frame_step(run, x, src_t, t, config.batch_size, inject)
                     used_keyframes.append([])
                 else:
                     keyframes = schedule(step, n_frames)
                     _check_keyframes(keyframes, n_frames, config)
                     used_keyframes.append(list(keyframes))
-                    x = self._tokenflow_step(run, x, src_t, t, keyframes, config, plan.calls(len(keyframes), step))
+                    x = self._tokenflow_step(run, x, src_t, t, keyframes, config,
+                                             chunks.calls(len(keyframes), step), window, inject)
                 state.cache.clear()
                 if callback_on_step_end is not None:
                     replaced = callback_on_step_end(step, t, x)
@@ -304,36 +302,20 @@ class TokenFlowEditor:
             max_keyframes_per_call=run.max_keyframes_per_call,
         )
 
-    def _check_control(self, config: EditConfig, control, source: SourceLatents):
-        controlnet = getattr(self.model, "controlnet", None)
-        if config.mode != "controlnet":
-            return None
-        if controlnet is None:
-            raise InputError("--mode controlnet needs a ControlNet: pass --controlnet ID_OR_PATH")
-        if control is None:
-            raise InputError("--mode controlnet needs control images (--control canny|depth|FOLDER)")
-        n, _, h, w = source.clean.shape
-        factor = self.model.vae_scale_factor
-        size = tuple(control.shape[2:]) if isinstance(control, torch.Tensor) else tuple(control.shape[1:3])
-        if control.shape[0] != n or size != (h * factor, w * factor):
-            raise InputError(
-                f"control maps {tuple(control.shape)} do not match the {n} frames of {w * factor}x{h * factor}"
-            )
-        return controlnet
-
     @staticmethod
-    def _per_frame_step(run: "_StepRunner", x, src_t, t, batch_size) -> torch.Tensor:
+    def _per_frame_step(run: "_StepRunner", x, src_t, t, batch_size, inject: Injection) -> torch.Tensor:
         """The per-frame PnP baseline: every frame edited on its own (plain self-attention), no propagation."""
-        run.state.mode, run.state.extended, run.state.store = "keyframe", False, False
         out = torch.empty_like(x)
+        call = FrameCall(inject)
         for start in range(0, x.shape[0], batch_size):
             idx = list(range(start, min(start + batch_size, x.shape[0])))
-            out[idx] = run(idx, x, src_t, t)
+            out[idx] = run(idx, x, src_t, t, call)
         return out
 
     @staticmethod
     def _tokenflow_step(
-        run: "_StepRunner", x, src_t, t, keyframes: list[int], config: EditConfig, calls: list["_KeyframeCall"]
+        run: "_StepRunner", x, src_t, t, keyframes: list[int], config: EditConfig, calls: list["_KeyframeChunk"],
+        window: int | None, inject: Injection,
     ) -> torch.Tensor:
         """One denoising step: the keyframe pass call by call, each followed by the propagation batches whose
         keyframes are all computed by then; keyframes no batch left needs leave the cache. With one call this is
@@ -354,23 +336,17 @@ class TokenFlowEditor:
             batches = [list(range(i, min(i + config.batch_size, n_frames))) for i in range(0, n_frames, config.batch_size)]
             pending = [(frames, reference_neighbors(frames, config.batch_size)) for frames in batches]
         pending.reverse()  # popped from the end, in time order
-        device = run.model.device
-        for call in calls:
-            state.mode, state.extended, state.store = "keyframe", True, True
-            state.positions, state.num_keyframes, state.store_rows = call.positions, len(keyframes), call.rows
-            count = len(call.rows) if config.blending == "linear" else 0  # reference: batches redo every frame
-            result = run([keyframes[p] for p in call.positions], x, src_t, t, count=count)
+        for chunk in calls:
+            call = KeyframeCall(tuple(chunk.positions), len(keyframes), tuple(chunk.rows), window, config.anchors,
+                                inject)
+            count = len(chunk.rows) if config.blending == "linear" else 0  # reference: batches redo every frame
+            result = run([keyframes[p] for p in chunk.positions], x, src_t, t, call, count=count)
             if config.blending == "linear":
-                out[[keyframes[call.positions[r]] for r in call.rows]] = result[call.rows]
-            state.mode, state.store = "propagate", False
-            state.positions = state.num_keyframes = state.store_rows = None
+                out[[keyframes[chunk.positions[r]] for r in chunk.rows]] = result[chunk.rows]
             run.max_cached_keyframes = max(run.max_cached_keyframes, len(state.cache.positions()))
-            while pending and max(pending[-1][1][1]) < call.computed:
+            while pending and max(pending[-1][1][1]) < chunk.computed:
                 frames, (prev, nxt, weight) = pending.pop()
-                state.prev_index = torch.tensor(prev, device=device)
-                state.next_index = torch.tensor(nxt, device=device)
-                state.next_weight = torch.tensor(weight, dtype=torch.float32)
-                out[frames] = run(frames, x, src_t, t)
+                out[frames] = run(frames, x, src_t, t, PropagationCall(tuple(prev), tuple(nxt), tuple(weight), inject))
             # what the batches left still blend: from the earliest previous keyframe on
             state.cache.drop_before(min(pending[-1][1][0]) if pending else len(keyframes))
         if pending:
@@ -379,7 +355,7 @@ class TokenFlowEditor:
 
 
 @dataclass
-class _KeyframeCall:
+class _KeyframeChunk:
     """One UNet call of the keyframe pass: the keyframe positions it runs (ascending), the rows among them it
     computes (whose results and tokens are kept; the others are context), and how many keyframes are computed
     once it is done (all positions before that)."""
@@ -403,10 +379,10 @@ class _KeyframePlan:
     anchors: int
     batch: int | None
 
-    def calls(self, num_keyframes: int, step: int) -> list[_KeyframeCall]:
+    def calls(self, num_keyframes: int, step: int) -> list[_KeyframeChunk]:
         k = num_keyframes
         if self.batch is None or self.window is None or self.batch >= k:
-            return [_KeyframeCall(list(range(k)), list(range(k)), k)]
+            return [_KeyframeChunk(list(range(k)), list(range(k)), k)]
         offset = round(step * 0.6180339887 * self.batch) % self.batch
         starts = ([0] if offset else []) + list(range(offset, k, self.batch))
         anchors = set(anchor_positions(k, self.anchors))
@@ -414,7 +390,7 @@ class _KeyframePlan:
         for a, z in zip(starts, starts[1:] + [k]):
             positions = sorted(set(range(max(0, a - self.window), min(k, z + self.window))) | anchors)
             rows = [i for i, p in enumerate(positions) if a <= p < z]
-            calls.append(_KeyframeCall(positions, rows, z))
+            calls.append(_KeyframeChunk(positions, rows, z))
         return calls
 
 
@@ -436,55 +412,31 @@ class _StepRunner:
     """One UNet call on a set of frames in the three-branch layout, then CFG and the DDIM step."""
 
     def __init__(self, model: Backbone, alphas, alpha_next: dict, texts: TextConditioning,
-                 guidance: float, state):
+                 guidance: float, state: TokenFlowState, conditioner=None):
         self.model = model
         self.alphas, self.alpha_next = alphas, alpha_next
         self.texts = texts  # 3 rows: inversion prompt (source), negative prompt (uncond), target prompt (cond)
         self.guidance = guidance
         self.state = state
+        self.conditioner = conditioner  # the mode's extra conditioning (ControlNet residuals), or None
         self.frame_evaluations = 0
-        self.controlnet = None
-        self.control: torch.Tensor | None = None  # [N, 3, H, W] in [0, 1]
-        self.control_scale = 1.0
         self.on_frames: Callable[[int], object] | None = None  # progress: frames finished
         self.max_cached_keyframes = 0
         self.max_keyframes_per_call = 0
 
-    def _control_residuals(self, latents: torch.Tensor, text: TextConditioning, frames: list[int], t: int) -> dict:
-        """ControlNet residuals for the edited branches (uncond, cond); zeros for the source branch."""
-        n = len(frames)
-        image = self.control[frames]
-        if not isinstance(image, torch.Tensor):  # uint8 maps [n, H, W, 3] (a FrameStore)
-            image = to_control_tensor(image)
-        image = image.to(self.model.device, self.controlnet.dtype).repeat(NUM_BRANCHES - 1, 1, 1, 1)
-        edited = text.rows(list(range(n, NUM_BRANCHES * n)))
-        down, mid = self.controlnet(
-            latents[n:].to(self.controlnet.dtype),
-            t,
-            controlnet_cond=image,
-            conditioning_scale=self.control_scale,
-            return_dict=False,
-            **edited.unet_kwargs(),
-        )
-
-        def with_source(r: torch.Tensor) -> torch.Tensor:
-            return torch.cat([torch.zeros_like(r[:n]), r]).to(latents.dtype)
-
-        return dict(
-            down_block_additional_residuals=[with_source(r) for r in down],
-            mid_block_additional_residual=with_source(mid),
-        )
-
-    def __call__(self, frames: list[int], x: torch.Tensor, src_t: torch.Tensor, t: int, count: int | None = None):
-        """The next latents of ``frames``; ``count``: how many of them this call finishes (progress)."""
+    def __call__(self, frames: list[int], x: torch.Tensor, src_t: torch.Tensor, t: int, call: Call,
+                 count: int | None = None):
+        """The next latents of ``frames`` from one UNet call described by ``call``; ``count``: how many of them
+        this call finishes (progress)."""
         model = self.model
         n = len(frames)
-        if self.state.mode == "keyframe" and self.state.store:
+        if isinstance(call, KeyframeCall) and call.store:
             self.max_keyframes_per_call = max(self.max_keyframes_per_call, n)
         latents = torch.cat([src_t[frames], x[frames], x[frames]]).to(model.device, model.dtype)
         text = self.texts.rows(torch.arange(NUM_BRANCHES).repeat_interleave(n))  # branch-major, n frames each
-        extra = self._control_residuals(latents, text, frames, t) if self.controlnet is not None else {}
-        pred = model.predict(latents, t, text, **extra)
+        extra = self.conditioner(latents, text, frames, t) if self.conditioner is not None else {}
+        with self.state.calling(call):
+            pred = model.predict(latents, t, text, **extra)
         self.frame_evaluations += NUM_BRANCHES * n
         _, uncond, cond = pred.chunk(NUM_BRANCHES)
         guided = (uncond + self.guidance * (cond - uncond)).cpu()  # classifier-free guidance on the raw outputs
