@@ -656,3 +656,33 @@ def test_host_memory_of_a_whole_edit_beyond_the_per_frame_latents_does_not_grow_
 if __name__ == "__main__":
     model_dir, *numbers = sys.argv[1:]
     print(json.dumps(_memory_worker(model_dir, *(int(x) for x in numbers))))
+
+
+def test_a_second_inversion_of_the_same_frames_waits_for_the_first_and_reuses_it(model, frames, tmp_path, caplog):
+    """The cache entry's lock: a second inverter waits, then finds the entry the first wrote (never interleaved)."""
+    import logging
+    import threading
+
+    cache = InversionCache(tmp_path)
+    clip = frames[:2]
+    grid, save = inversion_grid(model, 3, 6)
+    key = InversionCache.key(clip, model, "", grid, save)
+    holding, done = threading.Event(), []
+
+    def first() -> None:
+        with cache.lock(key):
+            holding.set()
+            cond = model.condition([""], clip.shape[1], clip.shape[2])
+            done.append(cache.invert(key, model, clip, cond, grid, save, reconstruct=False, progress=False))
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    holding.wait(timeout=60)
+    hits = []
+    with caplog.at_level(logging.INFO, logger="tokenflow.inversion"):
+        second = invert_frames(model, clip, steps=3, inversion_steps=6, cache=cache, reconstruct=False,
+                               progress=False, on_cache_hit=hits.append)
+    thread.join(timeout=60)
+    assert "waiting for another process" in caplog.text
+    assert hits == [cache.path(key)] and done  # the second reused the first's entry instead of inverting again
+    assert all(torch.equal(second.noisy[t][:], done[0].noisy[t][:]) for t in save)

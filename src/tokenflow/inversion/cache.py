@@ -43,22 +43,19 @@ def _todo(n: int, batch_size: int, done: list[list[int]]) -> list[tuple[int, int
 
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (POSIX ``flock``); a no-op where it is not available."""
+    """An exclusive lock on ``path`` across processes (``filelock``: flock on POSIX, msvcrt on Windows)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path))
     try:
-        import fcntl
-    except ImportError:  # Windows: no cross-process protection, the atomic rename still keeps entries whole
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("waiting for another process working on the same inversion (%s)", path)
+        lock.acquire()
+    try:
         yield
-        return
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process working on the same inversion (%s)", path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        lock.release()
 
 
 class InversionCache:
