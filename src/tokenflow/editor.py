@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -24,8 +24,6 @@ from .attention import (
     PropagationCall,
     TokenFlowState,
     anchor_positions,
-    auto_keyframe_batch,
-    auto_keyframe_window,
     tokenflow_attention,
 )
 from .correspondence import linear_neighbors, reference_neighbors
@@ -33,99 +31,14 @@ from .errors import InputError
 from .events import CancelToken, ProgressCallback, Tracker, as_progress
 from .inversion import InversionCache, SourceLatents, invert_frames
 from .inversion.ddim import ddim_transition, implied_noise, noised
-from .keyframes import KeyframeSchedule, RandomKeyframes, make_schedule
-from .modes import MODES, get_mode
-from .backbones import DEFAULT_MODEL, Backbone, LayerSelection, TextConditioning, load_model
+from .keyframes import RandomKeyframes, make_schedule
+from .modes import get_mode
+from .options import DEFAULT_NEGATIVE_PROMPT, EditConfig
+from .backbones import DEFAULT_MODEL, Backbone, TextConditioning, load_model
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
-PROPAGATION_MODES = ("tokenflow", "none")
-EDIT_MODES = tuple(MODES)
-BLENDING_MODES = ("linear", "reference")
-
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "EditConfig", "EditOutput", "TokenFlowEditor"]
-
-
-@dataclass
-class EditConfig:
-    """Every option of the editing loop (the inversion's options live in :meth:`TokenFlowEditor.invert`)."""
-
-    prompt: str
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    inversion_prompt: str = ""
-    steps: int = 50
-    guidance_scale: float = 7.5
-    batch_size: int = 8
-    pnp_attn_t: float = 0.5
-    pnp_f_t: float = 0.8
-    propagation: str = "tokenflow"
-    blending: str = "linear"
-    keyframes: str | Sequence[Sequence[int]] | KeyframeSchedule = "random"
-    seed: int = 0
-    mode: str = "pnp"
-    strength: float | None = None  # None: 1.0 (pnp, controlnet), 0.9 (sdedit)
-    pnp: bool | None = None  # None: on for pnp, off for sdedit and controlnet
-    controlnet_scale: float = 1.0
-    keyframe_window: int | str | None = "auto"  # "auto": full joint attention while it fits, a window beyond
-    anchors: int = 1  # global anchor keyframes every keyframe also attends to when windowed
-    keyframe_batch: int | str | None = "auto"  # keyframes per UNet call of a windowed keyframe pass; "all": one call
-    offload_cache: bool | None = None  # keyframe tokens in host memory; None: on for CUDA/MPS
-    layers: LayerSelection = field(default_factory=LayerSelection)
-
-    @property
-    def effective_strength(self) -> float:
-        return self.strength if self.strength is not None else get_mode(self.mode).default_strength
-
-    @property
-    def effective_pnp(self) -> bool:
-        return self.pnp if self.pnp is not None else get_mode(self.mode).pnp_by_default
-
-    def check_inputs(self) -> None:
-        """Raise :class:`InputError` naming the first bad value."""
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise InputError("--prompt is empty; describe the edit, e.g. --prompt 'a shiny silver robot'")
-        if self.steps < 1:
-            raise InputError(f"--steps {self.steps}: must be at least 1")
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
-        for name, value in (("--pnp-attn-t", self.pnp_attn_t), ("--pnp-f-t", self.pnp_f_t)):
-            if not 0.0 <= value <= 1.0:
-                raise InputError(f"{name} {value}: must be between 0 and 1 (a fraction of the steps)")
-        if self.propagation not in PROPAGATION_MODES:
-            raise InputError(f"--propagation {self.propagation!r}: unknown; use tokenflow or none")
-        if self.blending not in BLENDING_MODES:
-            raise InputError(f"--blending {self.blending!r}: unknown; use linear or reference")
-        if self.guidance_scale < 0:
-            raise InputError(f"--guidance-scale {self.guidance_scale}: must not be negative")
-        get_mode(self.mode)  # names the known modes when unknown
-        if self.strength is not None and not 0.0 <= self.strength <= 1.0:
-            raise InputError(f"--strength {self.strength}: must be between 0 and 1")
-        window = self.keyframe_window
-        if not (window in (None, "auto", "full") or (isinstance(window, int) and window >= 0)):
-            raise InputError(f"--keyframe-window {window!r}: use auto, full or a number of keyframes (>= 0)")
-        if self.anchors < 0:
-            raise InputError(f"--anchors {self.anchors}: must be 0 or more")
-        chunk = self.keyframe_batch
-        if not (chunk in (None, "auto", "all") or (isinstance(chunk, int) and chunk >= 1)):
-            raise InputError(f"--keyframe-batch {chunk!r}: use auto, all or a number of keyframes (>= 1)")
-
-    def resolve_keyframe_window(self, num_frames: int, tokens_per_frame: int) -> int | None:
-        """The window the keyframe pass uses: ``None`` is full joint attention (the paper's)."""
-        if self.keyframe_window in (None, "full"):
-            return None
-        if self.keyframe_window == "auto":
-            keyframes = -(-num_frames // self.batch_size)
-            return auto_keyframe_window(keyframes, tokens_per_frame, anchors=self.anchors)
-        return int(self.keyframe_window)
-
-    def resolve_keyframe_batch(self, window: int | None, tokens_per_frame: int) -> int | None:
-        """Keyframes per UNet call of the keyframe pass (``None``: all in one call; always so for full attention)."""
-        if window is None or self.keyframe_batch in (None, "all"):
-            return None
-        if self.keyframe_batch == "auto":
-            return auto_keyframe_batch(window, tokens_per_frame, anchors=self.anchors)
-        return int(self.keyframe_batch)
 
 
 @dataclass

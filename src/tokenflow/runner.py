@@ -15,113 +15,23 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from . import video as video_io
-from .editor import DEFAULT_NEGATIVE_PROMPT, EditConfig, EditOutput, TokenFlowEditor
+from .editor import EditOutput, TokenFlowEditor
 from .errors import InputError
 from .events import CancelToken, ProgressCallback, Tracker, TqdmProgress, check_cancelled
 from .framestore import FrameStore
 from .inversion import InversionCache, SourceLatents
-from .backbones import DEFAULT_MODEL, resolve_device, resolve_dtype
+from .options import RunOptions
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunOptions", "RunResult", "edit_video", "invert_video"]
-
-MIN_LATENT_SIDE = 8  # latent pixels the UNet's deepest level still needs (SD: 3 downsamplings)
-
-
-@dataclass
-class RunOptions:
-    """Every option of ``tokenflow edit`` / ``tokenflow invert`` (same names as the command-line flags)."""
-
-    video: str | Path
-    prompt: str = ""
-    out: str | Path | None = None
-    model: str = DEFAULT_MODEL
-    inversion_prompt: str = ""
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    propagation: str = "tokenflow"
-    blending: str = "linear"
-    keyframes: str | Sequence = "random"
-    size: int | None = None  # None: the model's native size (512 for SD 1.x/2.1-base, 1024 for SDXL)
-    max_frames: int | None = None
-    start: int = 0
-    stride: int = 1
-    steps: int = 50
-    inversion_steps: int = 500
-    guidance_scale: float = 7.5
-    batch_size: int = 8
-    pnp_attn_t: float = 0.5
-    pnp_f_t: float = 0.8
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    cache_dir: str | Path | None = None
-    save_latents: bool = False
-    evaluate: bool = False
-    quiet: bool = False
-    mode: str = "pnp"
-    strength: float | None = None
-    pnp: bool | None = None
-    controlnet: str | None = None
-    control: str = "canny"
-    canny_low: int = 100
-    canny_high: int = 200
-    depth_model: str | None = None
-    controlnet_scale: float = 1.0
-    lora: list[str] = field(default_factory=list)
-    keyframe_window: str = "auto"
-    anchors: int = 1
-    keyframe_batch: str = "auto"
-    offload: str | None = None
-
-    def edit_config(self) -> EditConfig:
-        """The editing loop's options: every :class:`EditConfig` field this run sets (same names)."""
-        values = {f.name: getattr(self, f.name) for f in fields(EditConfig) if hasattr(self, f.name)}
-        for name in ("keyframe_window", "keyframe_batch"):
-            value = values.get(name)
-            if isinstance(value, str) and value.isdigit():
-                values[name] = int(value)
-        return EditConfig(**values)
-
-    def check_inputs(self, editing: bool = True) -> None:
-        """Cheap checks that run before any heavy work; each raises one :class:`InputError` line."""
-        if editing:
-            self.edit_config().check_inputs()
-        if self.size is not None and self.size < 8 * MIN_LATENT_SIDE:
-            raise InputError(f"--size {self.size} is too small for Stable Diffusion; use --size 64 or more (512 is native)")
-        if self.inversion_steps < 1:
-            raise InputError(f"--inversion-steps {self.inversion_steps}: must be at least 1")
-        if self.steps < 1:
-            raise InputError(f"--steps {self.steps}: must be at least 1")
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
-        device = resolve_device(self.device)
-        resolve_dtype(self.dtype, device)
-        if self.offload not in (None, "none", "model", "sequential"):
-            raise InputError(f"--offload {self.offload!r}: unknown; use model or sequential")
-        if editing and self.mode == "controlnet":
-            from .control import check_control_fits
-
-            if not self.controlnet:
-                raise InputError("--mode controlnet needs --controlnet ID_OR_PATH (e.g. a canny ControlNet)")
-            if self.control not in ("canny", "depth") and not Path(self.control).is_dir():
-                raise InputError(f"--control {self.control}: use canny, depth or a folder of precomputed maps")
-            if self.control == "depth" and not self.depth_model:
-                raise InputError("--control depth needs --depth-model ID_OR_PATH (a transformers depth estimator)")
-            check_control_fits(self.controlnet, self.control)
-        elif editing and self.controlnet:
-            raise InputError(f"--controlnet is only used with --mode controlnet (got --mode {self.mode})")
-        if self.keyframes not in ("random", "fixed") and isinstance(self.keyframes, (str, Path)):
-            if not Path(self.keyframes).is_file():
-                raise InputError(f"--keyframes {self.keyframes}: no such file; pass random, fixed or a JSON file")
-
 
 @dataclass
 class RunResult:

