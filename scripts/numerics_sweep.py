@@ -44,8 +44,8 @@ def _label(variant: dict) -> str:
 
 def run(pytest_args: list[str], log_path: Path, threads: tuple[int, ...], full: bool) -> list[dict]:
     outcomes = []
-    for variant in VARIANTS:
-        for n in threads:
+    for n in threads:  # every variant at one thread count before the next
+        for variant in VARIANTS:
             env = dict(os.environ, **variant, TOKENFLOW_TEST_THREADS=str(n), TOKENFLOW_NUMERICS_LOG=str(log_path))
             args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args]
             if not full:
@@ -102,10 +102,12 @@ def main() -> int:
     parser.add_argument("--log", type=Path, default=ROOT / "numerics-log.jsonl")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "numerics.md")
     parser.add_argument("--table-only", action="store_true", help="tabulate --log without running anything")
+    parser.add_argument("--append", action="store_true", help="add to --log instead of starting it anew")
     args = parser.parse_args()
     outcomes = []
     if not args.table_only:
-        args.log.unlink(missing_ok=True)
+        if not args.append:
+            args.log.unlink(missing_ok=True)
         pytest_args = ["-m", args.marker] if args.marker else []
         outcomes = run(pytest_args, args.log, tuple(int(t) for t in args.threads.split(",")), args.full)
     args.out.write_text(table(args.log, outcomes))
