@@ -262,7 +262,7 @@ def test_the_command_edits_with_a_split_keyframe_pass(tiny_model_dir, pan_clip, 
                "--keyframe-batch", "2", "--cache-dir", str(tmp_path / "cache"), "--quiet"])
     assert rc == 0
     report = json.loads((out / "run.json").read_text())
-    assert report["parameters"]["keyframe_batch"] == "2" and len(report["keyframes"][0]) == 5
+    assert report["parameters"]["keyframe_batch"] == 2 and len(report["keyframes"][0]) == 5
     assert probe(out / "edited.mp4").num_frames == 10
     assert sorted(p.name for p in out.iterdir()) == ["edited.mp4", "preview.png", "run.json", "side_by_side.mp4",
                                                       "source.mp4"]  # the staged frames are gone
