@@ -373,6 +373,7 @@ BAD_INPUTS = [
     ("model-missing", dict(model="{missing_model}"), "--model"),
     ("model-not-diffusers", dict(model="{not_model}"), "--model"),
     ("steps-0", dict(extra=["--steps", "0"]), "--steps"),
+    ("inversion-steps-past-training", dict(extra=["--inversion-steps", "1001"]), "--inversion-steps 1001"),
     ("keyframe-window", dict(extra=["--keyframe-window", "wide"]), "--keyframe-window"),
     ("keyframe-batch-0", dict(extra=["--keyframe-batch", "0"]), "--keyframe-batch"),
 ]

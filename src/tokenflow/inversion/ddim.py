@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from ..errors import InputError
 from ..events import CancelToken, ProgressCallback, Tracker, as_progress
 from ..backbones import Backbone, TextConditioning
 from .storage import LazyLatents
@@ -28,6 +29,10 @@ def inversion_grid(model: Backbone, steps: int, inversion_steps: int) -> tuple[l
     works (the reference crashes late when they do not nest); when they nest it equals the reference's grid.
     Saved: every editing timestep and the noisiest one.
     """
+    train = model.make_scheduler().config.num_train_timesteps
+    for flag, value in (("--steps", steps), ("--inversion-steps", inversion_steps)):
+        if not 1 <= value <= train:  # diffusers would raise its own ValueError deep inside
+            raise InputError(f"{flag} {value}: must be between 1 and {train} (the model's training timesteps)")
     edit = set(_timesteps(model, steps))
     grid = sorted(set(_timesteps(model, inversion_steps)) | edit)
     return grid, sorted(edit | {grid[-1]})
