@@ -72,7 +72,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tokenflow.batch import run_batch
-    from tokenflow.video import make_pan_clip
+    from tokenflow.testing import make_pan_clip
 
     root = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     try:

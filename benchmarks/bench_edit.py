@@ -284,7 +284,7 @@ def build_models(names: list[str], root: Path) -> dict[str, Path]:
 
 def pan_clip(n: int, size: int, shift: int):
     """Camera pan across scikit-image's astronaut, short side ``size`` (3:2), frame i+1 = frame i moved ``shift`` px."""
-    from tokenflow.video import pan_frames
+    from tokenflow.testing import pan_frames
 
     width = (size * 3 // 2) // 8 * 8
     return pan_frames(n, width, size, shift, "astronaut")

@@ -76,7 +76,8 @@ def run_worker(spec_path: Path) -> None:
     from tokenflow.memory import PeakMemory
     from tokenflow.metrics import warp_errors
     from tokenflow.runner import edit_video, invert_video
-    from tokenflow.video import VideoWriter, load_frames, pan_frames
+    from tokenflow.io import VideoWriter, load_frames
+    from tokenflow.testing import pan_frames
 
     model = load_model(spec["model_path"], device=spec["device"], dtype=spec["dtype"])
     device = model.device

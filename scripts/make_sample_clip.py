@@ -13,7 +13,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from tokenflow.video import make_pan_clip, probe
+from tokenflow.io import probe
+from tokenflow.testing import make_pan_clip
 
 log = logging.getLogger("make_sample_clip")
 

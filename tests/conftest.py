@@ -30,7 +30,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pan_clip(tmp_path_factory) -> Path:
     """A 10-frame, 144x96, 12 fps H.264 mp4 of a camera pan, with an AAC tone as long as the clip."""
-    from tokenflow.video import make_pan_clip
+    from tokenflow.testing import make_pan_clip
 
     path = tmp_path_factory.mktemp("pan-clip") / "pan.mp4"
     make_pan_clip(path, num_frames=PAN_FRAMES, width=PAN_WIDTH, height=PAN_HEIGHT, shift=PAN_SHIFT, fps=PAN_FPS,
@@ -49,7 +49,7 @@ def tiny_model(tiny_model_dir):
 @pytest.fixture(scope="session")
 def pan6() -> torch.Tensor:
     """Six 96x64 uint8 frames of a 4 px/frame camera pan (a real photo), as the editor takes them."""
-    from tokenflow.video import pan_frames
+    from tokenflow.testing import pan_frames
 
     return torch.from_numpy(pan_frames(num_frames=6, width=96, height=64, shift=4))
 
@@ -62,7 +62,7 @@ def assert_real_edit(out: Path, frames: int, size: tuple[int, int], other: Path 
     reached the UNet."""
     import numpy as np
 
-    from tokenflow.video import load_frames
+    from tokenflow.io import load_frames
 
     edited, source = load_frames(out / "edited.mp4")[0], load_frames(out / "source.mp4")[0]
     assert edited.shape == source.shape == (frames, size[1], size[0], 3), (edited.shape, source.shape)

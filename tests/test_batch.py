@@ -39,7 +39,7 @@ def _units(summary: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
-    from tokenflow.video import make_pan_clip
+    from tokenflow.testing import make_pan_clip
 
     root = tmp_path_factory.mktemp("batch-clips")
     make_pan_clip(root / "pan.mp4", num_frames=4, width=96, height=64, shift=4, fps=12, audio=False)
@@ -145,7 +145,7 @@ def first_batch(ray_session, clips, tiny_model_dir, tmp_path_factory):
 
 
 def test_good_jobs_finish_and_the_broken_one_fails_alone(first_batch):
-    from tokenflow.video import load_frames
+    from tokenflow.io import load_frames
 
     result, _, out, cache = first_batch
     assert result.exit_code == 1

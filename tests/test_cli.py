@@ -97,7 +97,7 @@ def test_edit_writes_every_output(first_run):
 
 
 def test_edited_video_has_selected_frames_fps_aspect_and_audio(first_run, pan_clip):
-    from tokenflow.video import probe
+    from tokenflow.io import probe
 
     source = probe(pan_clip)
     assert (source.width, source.height, source.fps) == (144, 96, FPS)

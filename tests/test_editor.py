@@ -14,7 +14,7 @@ from tokenflow.inversion import InversionCache, SourceLatents, ddim_reconstruct,
 from tokenflow.keyframes import ExplicitKeyframes, FixedKeyframes, RandomKeyframes, make_schedule
 from tokenflow.models import load_model
 from tokenflow.testing import build_tiny_sd
-from tokenflow.video import pan_frames
+from tokenflow.testing import pan_frames
 
 from conftest import reordering_tolerance
 

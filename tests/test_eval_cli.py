@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tokenflow.cli import main
-from tokenflow.video import make_pan_clip, pan_frames, write_video
+from tokenflow.io import write_video
+from tokenflow.testing import make_pan_clip, pan_frames
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tokenflow.errors import InputError
-from tokenflow.framestore import FrameStore
+from tokenflow.io import FrameStore
 from tokenflow.inversion import InversionCache
-from tokenflow.video import pan_frames
+from tokenflow.testing import pan_frames
 
 
 @pytest.fixture()

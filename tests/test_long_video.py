@@ -42,7 +42,7 @@ from tokenflow.inversion import (
     write_safetensors,
 )
 from tokenflow.models import load_model
-from tokenflow.video import pan_frames
+from tokenflow.testing import pan_frames
 
 from conftest import reordering_tolerance
 
@@ -254,7 +254,7 @@ def test_keyframe_pass_in_calls_equals_one_call_when_keyframes_only_share_anchor
 
 def test_the_command_edits_with_a_split_keyframe_pass(tiny_model_dir, pan_clip, tmp_path):
     from tokenflow.cli import main
-    from tokenflow.video import probe
+    from tokenflow.io import probe
 
     out = tmp_path / "out"
     rc = main(["edit", str(pan_clip), "--prompt", "a robot", "--model", str(tiny_model_dir), "--out", str(out),
@@ -585,7 +585,7 @@ def _memory_worker(model_dir: str, num_frames: int, size: int, steps: int) -> di
 
     from tokenflow.memory import PeakMemory
     from tokenflow.runner import RunOptions, edit_video
-    from tokenflow.video import make_pan_clip
+    from tokenflow.testing import make_pan_clip
 
     torch.set_num_threads(1)
     editor = TokenFlowEditor(load_model(model_dir, device="cpu", dtype="float32"))

@@ -14,7 +14,7 @@ import pytest
 from skimage import data
 
 from tokenflow import metrics
-from tokenflow.errors import InputError
+from tokenflow.errors import InputError, ModelLoadError
 
 SHIFT = 3  # px per frame
 N, H, W = 6, 160, 224
@@ -133,7 +133,7 @@ def test_gap_uses_frames_further_apart(pan):
 
 
 def test_raft_without_offline_weights_is_refused(pan):
-    if metrics._raft_weights_path() is not None:
+    if metrics.flow._raft_weights_path() is not None:
         pytest.skip("torchvision RAFT weights are cached here")
     with pytest.raises(InputError) as exc:
         metrics.optical_flow(pan[0], pan[1], method="raft")
@@ -238,7 +238,7 @@ def test_report_summary_json_table_and_plot(pan, tmp_path):
 
 
 def test_evaluate_files_reads_run_folder(pan, tmp_path):
-    from tokenflow.video import load_frames, write_video
+    from tokenflow.io import load_frames, write_video
 
     run = tmp_path / "run"
     run.mkdir()
@@ -269,14 +269,14 @@ def test_evaluate_files_reads_run_folder(pan, tmp_path):
 def test_evaluation_in_windows_equals_one_pass_with_truncation_and_resizing(pan, monkeypatch, tmp_path, gap):
     import cv2
 
-    from tokenflow.framestore import FrameStore
+    from tokenflow.io import FrameStore
 
     rng = np.random.default_rng(gap)
     edited = np.clip(pan.astype(int) + rng.integers(-20, 20, pan.shape), 0, 255).astype(np.uint8)
     edited = np.stack([cv2.resize(f, (pan.shape[2] * 2, pan.shape[1] * 2)) for f in edited])[:-1]  # 2x, 1 frame short
     whole = metrics.evaluate(pan, edited, gap=gap, align="truncate")
     assert whole.frames == len(pan) - 1 and len(whole.notes) == 2  # truncated and resized
-    monkeypatch.setattr(metrics, "EVAL_WINDOW", 3)
+    monkeypatch.setattr(metrics.evaluation, "EVAL_WINDOW", 3)
     for inputs in ((pan, edited), None):
         if inputs is None:  # frames read on demand
             inputs = tuple(FrameStore.write(tmp_path / f"{i}.rgb", iter(x)) for i, x in enumerate((pan, edited)))
@@ -354,4 +354,4 @@ def test_unloadable_clip_raises_input_error(tmp_path, pan):
         with pytest.raises(InputError) as exc:
             metrics.clip_scores(pan[:2], "x", model=bad)
         assert str(bad) in one_line(exc)
-        assert isinstance(exc.value, metrics.ModelLoadError)
+        assert isinstance(exc.value, ModelLoadError)

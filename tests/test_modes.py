@@ -16,7 +16,7 @@ from tokenflow.errors import InputError, ModelLoadError
 from tokenflow.inversion import invert_frames
 from tokenflow.models import load_model
 from tokenflow.testing import build_tiny_controlnet, build_tiny_lora, build_tiny_sd
-from tokenflow.video import pan_frames
+from tokenflow.testing import pan_frames
 
 from conftest import PAN_FRAMES, assert_real_edit
 
@@ -236,7 +236,7 @@ def test_a_folder_of_maps_is_selected_like_the_frames(tmp_path):
 
 
 def load_frames_of(path):
-    from tokenflow.video import load_frames
+    from tokenflow.io import load_frames
 
     return load_frames(path)[0]
 

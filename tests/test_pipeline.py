@@ -14,7 +14,8 @@ import torch
 from tokenflow.editor import EditConfig, TokenFlowEditor
 from tokenflow.inversion import InversionCache, SourceLatents
 from tokenflow.pipeline import TokenFlowPipeline, TokenFlowPipelineOutput, TokenFlowXLPipeline
-from tokenflow.video import make_pan_clip, pan_frames, resize_frames
+from tokenflow.io import resize_frames
+from tokenflow.testing import make_pan_clip, pan_frames
 
 STEPS, INV_STEPS, BATCH = 3, 6, 2
 KW = dict(prompt="a robot", num_inference_steps=STEPS, num_inversion_steps=INV_STEPS, batch_size=BATCH,
@@ -379,7 +380,7 @@ def test_the_readme_snippet_with_diffusers_own_video_helpers(tiny_model_dir, tmp
     """``load_video`` -> pipeline -> ``export_to_video``, as a diffusers user writes it (imageio-ffmpeg backend)."""
     from diffusers.utils import export_to_video, load_video
 
-    from tokenflow.video import probe
+    from tokenflow.io import probe
 
     clip = tmp_path / "wolf.mp4"
     make_pan_clip(clip, num_frames=6, width=96, height=64, shift=4, fps=12, audio=False)

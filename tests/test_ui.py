@@ -29,7 +29,8 @@ except ImportError as exc:  # fail, never skip: CI must install them
     raise ImportError(f"{exc}; the UI tests need: pip install -e '.[test]' (gradio, gradio_client, playwright)") \
         from exc
 
-from tokenflow.video import load_frames, make_pan_clip, probe
+from tokenflow.io import load_frames, probe
+from tokenflow.testing import make_pan_clip
 
 CHROMIUM = os.environ.get("TOKENFLOW_CHROMIUM", "/usr/bin/chromium")
 FRAMES, WIDTH, HEIGHT = 6, 96, 64

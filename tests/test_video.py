@@ -13,13 +13,11 @@ import skimage.data
 from PIL import Image
 
 from tokenflow.errors import InputError
-from tokenflow.video import (
+from tokenflow.io import (
     VideoInfo,
     VideoWriter,
     contact_sheet,
     load_frames,
-    make_pan_clip,
-    pan_frames,
     probe,
     read_frames,
     resize_frames,
@@ -27,6 +25,7 @@ from tokenflow.video import (
     working_size,
     write_video,
 )
+from tokenflow.testing import make_pan_clip, pan_frames
 
 N, W, H, SHIFT, FPS = 16, 192, 128, 6, 10
 
@@ -449,7 +448,7 @@ def test_truncated_file_returns_what_decodes(tmp_path, clips, caplog):
     data = clips["mkv"].read_bytes()
     path = tmp_path / "cut.mkv"
     path.write_bytes(data[: len(data) // 2])
-    with caplog.at_level(logging.WARNING, logger="tokenflow.video"):
+    with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
         frames, _ = load_frames(path)
     assert 1 <= len(frames) < N
     np.testing.assert_array_equal(frames[0], photo_crop(0))
@@ -459,7 +458,7 @@ def test_truncated_mp4_with_some_frames_warns(tmp_path, clips, caplog):
     data = clips["mp4"].read_bytes()
     path = tmp_path / "cut.mp4"
     path.write_bytes(data[: len(data) * 2 // 3])
-    with caplog.at_level(logging.WARNING, logger="tokenflow.video"):
+    with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
         frames, info = load_frames(path)
     assert 1 <= len(frames) < N
     assert any("truncated" in r.getMessage() for r in caplog.records)

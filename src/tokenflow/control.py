@@ -71,7 +71,7 @@ def folder_maps(folder: Path, start: int, stride: int, count: int, width: int, h
 
 
 def _iter_folder_maps(folder: Path, start: int, stride: int, count: int, width: int, height: int) -> Iterator[np.ndarray]:
-    from .video import read_frames, resize_frames
+    from .io import read_frames, resize_frames
 
     found = 0
     for image in read_frames(folder, start=start, stride=stride, max_frames=count):
@@ -85,7 +85,7 @@ def stream_control_maps(
     kind: str, frames, *, start=0, stride=1, low=100, high=200, depth_model=None, batch_size: int = 8
 ) -> Iterator[np.ndarray]:
     """Maps for ``kind`` = ``canny``, ``depth`` or a folder of images, one ``HxWx3`` uint8 map per frame of
-    ``frames`` (an array or a :class:`~tokenflow.framestore.FrameStore`, read ``batch_size`` frames at a time)."""
+    ``frames`` (an array or a :class:`~tokenflow.io.FrameStore`, read ``batch_size`` frames at a time)."""
     n, height, width = frames.shape[:3]
     if kind == "canny":
         compute = lambda batch: canny_maps(batch, low, high)  # noqa: E731

@@ -119,7 +119,7 @@ class TokenFlowEditor:
         3. Per step: keyframe pass (joint, extended attention), propagation pass (batches), CFG, DDIM step.
 
         ``control``: ControlNet conditioning images ``[N, 3, H, W]`` in [0, 1], or uint8 maps ``[N, H, W, 3]`` read
-        a batch at a time (a :class:`~tokenflow.framestore.FrameStore`) (mode ``controlnet``; the model must carry
+        a batch at a time (a :class:`~tokenflow.io.FrameStore`) (mode ``controlnet``; the model must carry
         a ControlNet). ``generator`` replaces the seeded generator of the default random keyframe schedule.
         ``callback_on_step_end(step, t, latents)`` runs after every step; a tensor it returns replaces the latents.
         ``progress``: ``True`` for a progress bar, or a callable receiving :class:`~tokenflow.events.ProgressEvent` objects

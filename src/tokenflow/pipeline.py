@@ -30,7 +30,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, replace_example_docstring
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from . import video as video_io
+from . import io as video_io
 from .editor import DEFAULT_NEGATIVE_PROMPT, EditConfig, TokenFlowEditor
 from .errors import InputError
 from .inversion import InversionCache, SourceLatents

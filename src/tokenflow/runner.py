@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import video as video_io
+from . import io as video_io
 from .editor import EditOutput, TokenFlowEditor
 from .errors import InputError
 from .events import CancelToken, ProgressCallback, Tracker, TqdmProgress, check_cancelled
-from .framestore import FrameStore
+from .io import FrameStore
 from .inversion import InversionCache, SourceLatents
 from .options import RunOptions
 

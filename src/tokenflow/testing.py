@@ -8,10 +8,19 @@ Real weights cannot be downloaded on CI, so tests build a random-weight model wi
 from __future__ import annotations
 
 import json
+import logging
+import math
 import string
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+
+from .errors import InputError
+from .io.write import VideoWriter
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "build_tiny_sd",
@@ -290,3 +299,90 @@ def build_tiny_depth_estimator(path: Path, *, seed: int = 0) -> Path:
     model.save_pretrained(path)
     DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(path)
     return path
+
+
+# -- synthetic clips with known motion -------------------------------------------------------------------------
+
+
+def pan_frames(
+    num_frames: int = 16,
+    width: int = 192,
+    height: int = 128,
+    shift: int = 6,
+    image: str = "astronaut",
+    *,
+    top: int | None = None,
+) -> np.ndarray:
+    """Frames of a horizontal camera pan across a scikit-image sample photo, ``[N,H,W,3]`` uint8.
+
+    Frame ``i`` is the ``width x height`` crop at x offset ``i * shift`` and y offset
+    ``top`` (default: vertically centered), so frame ``i+1`` is frame ``i`` moved
+    left by ``shift`` pixels.  The photo is scaled up first if it is too small for
+    the whole pan.
+    """
+    import skimage.data  # heavy import, only needed here
+
+    loader = getattr(skimage.data, image, None)
+    if loader is None or not callable(loader):
+        raise InputError(f"image {image!r}: not a scikit-image sample photo; try astronaut, coffee or chelsea")
+    photo = np.asarray(loader())
+    if photo.ndim == 2:
+        photo = np.stack([photo] * 3, axis=-1)
+    photo = photo[..., :3].astype(np.uint8)
+    need_w = width + (num_frames - 1) * shift
+    ph, pw = photo.shape[:2]
+    if pw < need_w or ph < height:
+        scale = max(need_w / pw, height / ph)
+        size = (max(need_w, math.ceil(pw * scale)), max(height, math.ceil(ph * scale)))
+        photo = np.asarray(Image.fromarray(photo).resize(size, Image.LANCZOS))
+        ph, pw = photo.shape[:2]
+    if top is None:
+        top = (ph - height) // 2
+    elif not 0 <= top <= ph - height:
+        raise InputError(f"top {top}: the crop must lie inside the {pw}x{ph} photo; use 0..{ph - height}")
+    return np.stack([photo[top : top + height, i * shift : i * shift + width] for i in range(num_frames)])
+
+
+def make_pan_clip(
+    path: str | Path,
+    num_frames: int = 16,
+    width: int = 192,
+    height: int = 128,
+    shift: int = 6,
+    fps: float = 10,
+    audio: bool = False,
+    image: str = "astronaut",
+    *,
+    top: int | None = None,
+    crf: int = 18,
+) -> None:
+    """Write a test clip: a camera pan across a public-domain scikit-image photo (see :func:`pan_frames`).
+
+    The extension picks the format: ``.mp4``/``.mov`` H.264, ``.mkv`` lossless FFV1
+    (exact pixels, for motion tests), ``.webm`` VP9, ``.gif``, or no extension for a
+    folder of PNGs.  With ``audio=True`` a 440 Hz sine tone as long as the clip is
+    added (AAC; Opus in .webm; ignored for gif and folders).
+    """
+    path = Path(path)
+    frames = pan_frames(num_frames, width, height, shift, image, top=top)
+    suffix = path.suffix.lower()
+    if suffix == "":
+        if audio:
+            log.warning("%s: a folder of PNGs cannot hold audio; writing frames only", path)
+        path.mkdir(parents=True, exist_ok=True)
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(path / f"frame_{i:04d}.png")
+        return
+    if suffix == ".gif":
+        if audio:
+            log.warning("%s: a gif cannot hold audio; writing frames only", path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / float(fps)), loop=0)
+        return
+    codec = "ffv1" if suffix == ".mkv" else None
+    with VideoWriter(path, fps, width, height, codec=codec, crf=crf) as writer:
+        if audio:
+            writer._add_tone()
+        for frame in frames:
+            writer.write(frame)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import video as video_io
+from . import io as video_io
 from .errors import InputError, TokenFlowError
 from .events import Cancelled, ProgressEvent
 from .models import DEFAULT_MODEL

@@ -90,7 +90,7 @@ class StableDiffusionModel(Backbone):
 
     @torch.no_grad()
     def encode_frames(self, frames: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """uint8 ``[N,H,W,3]`` frames (a tensor, an array or a :class:`~tokenflow.framestore.FrameStore`, read a
+        """uint8 ``[N,H,W,3]`` frames (a tensor, an array or a :class:`~tokenflow.io.FrameStore`, read a
         batch at a time) -> scaled VAE posterior means ``[N,4,H/f,W/f]`` on the CPU, float32."""
         out = []
         for i in range(0, frames.shape[0], batch_size):

@@ -79,7 +79,7 @@ class InversionCache:
 
     @staticmethod
     def key(frames, model: Backbone, prompt: str, grid: list[int], save: list[int]) -> str:
-        """``frames``: a uint8 ``[N,H,W,3]`` tensor or a :class:`~tokenflow.framestore.FrameStore` (whose hash
+        """``frames``: a uint8 ``[N,H,W,3]`` tensor or a :class:`~tokenflow.io.FrameStore` (whose hash
         of the same bytes was taken as it was written: the same key either way)."""
         if hasattr(frames, "sha256"):
             digest = frames.sha256()

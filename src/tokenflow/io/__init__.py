@@ -1,0 +1,37 @@
+"""Video input and output: probing, streaming frame reads, resizing, H.264 writing with audio.
+
+Everything that touches a video file goes through this module.  Frames are always
+``HxWx3`` ``uint8`` RGB numpy arrays with the container's rotation metadata applied,
+so a portrait phone clip comes out upright.
+
+Reading supports anything FFmpeg (through PyAV) can demux and decode -- mp4, mov,
+webm, mkv, avi, gif -- and a folder of images (png/jpg/jpeg/bmp/webp, sorted by
+name, numbers compared numerically).  Frames are decoded one at a time, so a long
+video is never held in memory unless the caller asks for it with :func:`load_frames`.
+
+Writing (:class:`VideoWriter`, :func:`write_video`) encodes H.264 (libx264, yuv420p)
+and can carry over the audio of the source clip, trimmed to the edited range.
+"""
+
+from .framestore import FrameStore
+from .preview import contact_sheet, side_by_side
+from .probe import DEFAULT_FOLDER_FPS, IMAGE_EXTENSIONS, VideoInfo, probe
+from .read import load_frames, read_frames
+from .size import resize_frames, working_size
+from .write import VideoWriter, write_video
+
+__all__ = [
+    "DEFAULT_FOLDER_FPS",
+    "IMAGE_EXTENSIONS",
+    "FrameStore",
+    "VideoInfo",
+    "VideoWriter",
+    "contact_sheet",
+    "load_frames",
+    "probe",
+    "read_frames",
+    "resize_frames",
+    "side_by_side",
+    "working_size",
+    "write_video",
+]

@@ -1,0 +1,202 @@
+"""Probing videos and frame folders: size, rotation, fps, frame count, audio."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy as np
+from PIL import Image, ImageOps
+
+from tokenflow.errors import InputError
+
+log = logging.getLogger('tokenflow.io')
+
+
+#: Image files that a frame folder may hold.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+#: Frame rate assumed for a folder of images (and for a video that does not state one).
+DEFAULT_FOLDER_FPS = 10.0
+
+
+def _one_line(text: object) -> str:
+    """Collapse whitespace so an error message stays on one line."""
+    return " ".join(str(text).split())
+
+
+def _natural_key(name: str) -> list[object]:
+    """Sort key that orders 'frame2' before 'frame10'."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+@dataclass
+class VideoInfo:
+    """What :func:`probe` learns about a video file or a folder of frames."""
+
+    path: Path
+    width: int  # display width, after rotation metadata is applied
+    height: int  # display height, after rotation metadata is applied
+    fps: float  # average frame rate of the source (10.0 for a folder of images)
+    num_frames: int | None  # the container's frame count, None when it does not say
+    has_audio: bool
+    rotation: int  # clockwise degrees applied for display: 0, 90, 180 or 270
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    files = [
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    if not files:
+        raise InputError(
+            f"{folder}: folder has no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}); "
+            "put the frames there or pass a video file"
+        )
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+def _load_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            return np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable image ({_one_line(exc)}); replace or remove it") from exc
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder; check the path")
+
+
+def _open_input(path: Path) -> av.container.InputContainer:
+    try:
+        container = av.open(str(path), mode="r")
+    except av.FFmpegError as exc:
+        reason = _one_line(getattr(exc, "strerror", None) or exc)
+        raise InputError(
+            f"{path}: not a readable video ({reason}); check that it is an mp4/mov/webm/mkv/avi/gif file"
+        ) from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open ({_one_line(exc)}); check the path and its permissions") from exc
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"{path}: has no video stream; pass a video file")
+    return container
+
+
+def _decode_video(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, problems: list[str]
+) -> Iterator[av.VideoFrame]:
+    """Decode a video stream packet by packet, skipping packets the decoder rejects.
+
+    A truncated or damaged file then still yields every frame that decodes; what went
+    wrong is appended to ``problems`` (the caller decides whether to warn or fail).
+    """
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            break
+        except av.FFmpegError as exc:  # the demuxer gave up: flush what the decoder holds
+            problems.append(_one_line(exc))
+            packet = None
+        try:
+            frames = stream.decode(packet)
+        except av.FFmpegError as exc:
+            problems.append(_one_line(exc))
+            frames = []
+        yield from frames
+        if packet is None:
+            break
+
+
+def _rotation_of(frame: av.VideoFrame, stream: av.video.stream.VideoStream) -> int:
+    """Clockwise degrees (0/90/180/270) a decoded frame must be turned for display.
+
+    PyAV reports the display matrix as a counter-clockwise angle (FFmpeg's
+    ``av_display_rotation_get``); the legacy ``rotate`` tag is clockwise.
+    """
+    ccw = getattr(frame, "rotation", None)
+    if ccw:
+        degrees = -float(ccw)
+    else:
+        tag = stream.metadata.get("rotate") if stream.metadata else None
+        try:
+            degrees = float(tag) if tag is not None else 0.0
+        except ValueError:
+            degrees = 0.0
+    return int(round(degrees / 90.0)) % 4 * 90
+
+
+def _apply_rotation(rgb: np.ndarray, rotation: int) -> np.ndarray:
+    if rotation == 0:
+        return rgb
+    # np.rot90 with positive k turns counter-clockwise; we need clockwise.
+    return np.ascontiguousarray(np.rot90(rgb, k=-(rotation // 90)))
+
+
+def _stream_fps(stream: av.video.stream.VideoStream) -> float:
+    for rate in (stream.average_rate, stream.guessed_rate):
+        if rate is not None and rate > 0:
+            return float(rate)
+    log.info("no frame rate stored for stream %d; assuming %.1f fps", stream.index, DEFAULT_FOLDER_FPS)
+    return DEFAULT_FOLDER_FPS
+
+
+def _undecodable(path: Path, problems: list[str]) -> InputError:
+    detail = f" ({problems[0]})" if problems else ""
+    return InputError(f"{path}: no frame could be decoded{detail}; the file is corrupt or truncated, re-export it")
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Describe a video file or a folder of images without reading all of it.
+
+    Decodes the first frame of a video (to learn its rotation); raises
+    :class:`InputError` for a missing path, a file that is not a video, or a video
+    whose first frame cannot be decoded.
+    """
+    path = Path(path)
+    _check_exists(path)
+    if path.is_dir():
+        images = _folder_images(path)
+        first = _load_image(images[0])
+        return VideoInfo(
+            path=path,
+            width=int(first.shape[1]),
+            height=int(first.shape[0]),
+            fps=DEFAULT_FOLDER_FPS,
+            num_frames=len(images),
+            has_audio=False,
+            rotation=0,
+        )
+    container = _open_input(path)
+    try:
+        stream = container.streams.video[0]
+        problems: list[str] = []
+        first = next(_decode_video(container, stream, problems), None)
+        if first is None:
+            raise _undecodable(path, problems)
+        rotation = _rotation_of(first, stream)
+        width, height = first.width, first.height
+        if rotation in (90, 270):
+            width, height = height, width
+        return VideoInfo(
+            path=path,
+            width=int(width),
+            height=int(height),
+            fps=_stream_fps(stream),
+            num_frames=int(stream.frames) if stream.frames else None,
+            has_audio=bool(container.streams.audio),
+            rotation=rotation,
+        )
+    finally:
+        container.close()
