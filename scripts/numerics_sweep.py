@@ -51,9 +51,14 @@ def run(pytest_args: list[str], log_path: Path, threads: tuple[int, ...], full: 
             if not full:
                 args += ["--deselect", SLOW]
             proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
-            last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
-            outcomes.append({"variant": _label(variant), "threads": n, "returncode": proc.returncode, "summary": last})
+            lines = proc.stdout.strip().splitlines()
+            last = (lines or ["(no output)"])[-1]
+            failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in lines if line.startswith("FAILED ")]
+            outcomes.append({"variant": _label(variant), "threads": n, "returncode": proc.returncode, "summary": last,
+                             "failed": failed})
             log.info("%-80s threads=%d  %s", _label(variant), n, last)
+            for test in failed:  # which ones, so a failure that does not reproduce is still known
+                log.info("    failed: %s", test)
     return outcomes
 
 
@@ -89,7 +94,8 @@ def table(log_path: Path, outcomes: list[dict]) -> str:
                      f" {len(seen[(test, what)])} |")
     if outcomes:
         lines += ["", "| variant | threads | result |", "|---|---|---|"]
-        lines += [f"| {o['variant']} | {o['threads']} | {o['summary']} |" for o in outcomes]
+        lines += [f"| {o['variant']} | {o['threads']} | {o['summary']}"
+                  + (f" ({', '.join(o['failed'])})" if o["failed"] else "") + " |" for o in outcomes]
     return "\n".join(lines) + "\n"
 
 
