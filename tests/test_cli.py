@@ -160,8 +160,7 @@ def test_second_edit_with_new_prompt_hits_the_cache(first_run, env, caplog, caps
     assert first["inversion_cache_hit"] is False
     assert second["inversion_cache_hit"] is True
     assert "inversion cache hit" in caplog.text + captured.err
-    assert "inversion:" not in captured.err  # no inversion progress bar: no inversion work
-    assert second["timings"]["inversion"] < 0.5 * first["timings"]["inversion"]
+    assert "inversion:" not in captured.err  # no inversion progress bar: no inversion work (not timed: load varies)
     assert second["inversion_psnr"] == pytest.approx(first["inversion_psnr"])
 
 
