@@ -373,6 +373,7 @@ BAD_INPUTS = [
     ("model-not-diffusers", dict(model="{not_model}"), "--model"),
     ("steps-0", dict(extra=["--steps", "0"]), "--steps"),
     ("inversion-steps-past-training", dict(extra=["--inversion-steps", "1001"]), "--inversion-steps 1001"),
+    ("inversion-steps-past-the-last-timestep", dict(extra=["--inversion-steps", "1000"]), "--inversion-steps 1000"),
     ("keyframe-window", dict(extra=["--keyframe-window", "wide"]), "--keyframe-window"),
     ("keyframe-batch-0", dict(extra=["--keyframe-batch", "0"]), "--keyframe-batch"),
 ]
@@ -444,14 +445,16 @@ def test_ctrl_c_during_the_inversion_exits_130_with_one_line_and_writes_nothing(
     log = tmp_path / "stderr.txt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     argv = ["edit", str(pan_clip), "--prompt", "a robot", "--model", str(tiny_model_dir), "--out", str(out),
-            "--size", "64", "--steps", "3", "--inversion-steps", "1000", "--cache-dir", str(tmp_path / "cache")]
+            "--size", "64", "--steps", "3", "--inversion-steps", "999", "--cache-dir", str(tmp_path / "cache")]
     with log.open("w") as err:
-        proc = subprocess.Popen(cmd + argv, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        # a shell's background job inherits SIGINT ignored (and Python then keeps it ignored): restore the default
+        proc = subprocess.Popen(cmd + argv, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 120
             while "inversion:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert proc.poll() is None, log.read_text()  # 1000 inversion steps: still inverting
+            assert proc.poll() is None, log.read_text()  # 999 inversion steps: still inverting
             proc.send_signal(signal.SIGINT)
             stdout, _ = proc.communicate(timeout=120)
         finally:

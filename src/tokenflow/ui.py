@@ -43,7 +43,7 @@ _CHECKOUT = Path(__file__).resolve().parents[2]
 MICRO_MODEL = Path("benchmarks") / "micro_model"
 SAMPLE_CLIP = Path("examples") / "pan.mp4"
 
-MAX_STEPS = 1000  # Stable Diffusion's training timesteps: DDIM cannot take more steps than that
+MAX_STEPS = 999  # 1000 DDIM steps of a 1000-step model with steps_offset 1 would reach timestep 1000
 
 STAGE_LABELS = {
     "loading": "Loading the model",

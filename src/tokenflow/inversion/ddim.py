@@ -34,7 +34,12 @@ def inversion_grid(model: Backbone, steps: int, inversion_steps: int) -> tuple[l
         if not 1 <= value <= train:  # diffusers would raise its own ValueError deep inside
             raise InputError(f"{flag} {value}: must be between 1 and {train} (the model's training timesteps)")
     edit = set(_timesteps(model, steps))
-    grid = sorted(set(_timesteps(model, inversion_steps)) | edit)
+    inverted = set(_timesteps(model, inversion_steps))
+    for flag, value, ts in (("--steps", steps, edit), ("--inversion-steps", inversion_steps, inverted)):
+        if max(ts) >= train:  # e.g. 1000 "leading" steps with steps_offset 1 reach timestep 1000
+            raise InputError(f"{flag} {value}: the model's schedule then reaches timestep {max(ts)}, past its last "
+                             f"({train - 1}); use fewer steps")
+    grid = sorted(inverted | edit)
     return grid, sorted(edit | {grid[-1]})
 
 
