@@ -17,6 +17,7 @@ import pytest
 from tokenflow.batch import MARKER, SUMMARY, is_finished, load_jobs, run_batch
 from tokenflow.cli import main
 from tokenflow.errors import InputError
+from tokenflow.inversion import InversionCache
 
 ray = pytest.importorskip("ray")
 
@@ -84,6 +85,30 @@ def test_bad_rows_are_reported_with_line_numbers_before_ray_starts(clips, tiny_m
     assert "line 9" not in err and "line 11:" not in err
     assert not out.exists()  # nothing written
     assert not ray.is_initialized()  # refused before Ray started
+
+
+def test_a_second_batch_into_the_same_out_folder_is_refused_while_the_first_runs(clips, tiny_model_dir, tmp_path,
+                                                                               capsys):
+    """The output folder's lock is held by another process (a real one): one line, exit 2, before Ray starts."""
+    import subprocess
+    import sys
+
+    jobs = clips / "one.yaml"
+    jobs.write_text("defaults:\n" + _yaml_options(tiny_model_dir) + "jobs:\n  - video: pan.mp4\n    prompt: a robot\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); "
+         "lock.acquire(); print('held', flush=True); sys.stdin.read()", str(out / ".batch.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc = main(["batch", str(jobs), "--out", str(out), "--quiet"])
+    finally:
+        holder.communicate("", timeout=30)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "another tokenflow batch is writing there" in err, err
+    assert not ray.is_initialized() and not (out / SUMMARY).exists()
 
 
 def test_jsonl_and_csv_carry_the_same_fields_and_line_numbers(clips, tiny_model_dir, tmp_path):
@@ -172,7 +197,7 @@ def test_good_jobs_finish_and_the_broken_one_fails_alone(first_batch):
     run2 = json.loads((Path(second["out"]) / "run.json").read_text())
     assert run1["inversion_cache_hit"] is False and run2["inversion_cache_hit"] is True
     assert second["inversion_cache_hit"] is True
-    assert len(list(cache.glob("*.safetensors"))) == 2  # one entry per readable video
+    assert len(InversionCache(cache).entries()) == 2  # one entry per readable video
     assert first["timings"]["load_model"] > 0 and second["timings"]["load_model"] == 0  # loaded once
     assert not [p for p in out.rglob(".*") if p.is_dir()]  # no staging leftovers
 

@@ -18,7 +18,7 @@ import av
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from tokenflow.inversion import InversionCache, load_latents
 
 from tokenflow.cli import main
 
@@ -89,9 +89,10 @@ def assert_audio_matches(stats: dict) -> None:
 
 
 def test_edit_writes_every_output(first_run):
-    for name in OUTPUTS + ("latents.safetensors",):
+    for name in OUTPUTS:
         assert (first_run / name).is_file(), name
         assert (first_run / name).stat().st_size > 0, name
+    assert (first_run / "latents" / "index.json").is_file()
     # nothing half-written left beside the output folder
     assert sorted(p.name for p in first_run.parent.iterdir() if p.name.startswith(".")) == []
 
@@ -176,7 +177,8 @@ def test_invert_then_edit_is_a_cache_hit(env, tmp_path):
     rc = main(["invert", str(env.clip), "--model", str(env.model), "--cache-dir", str(cache), "--stride", "2",
                *SMALL, "--quiet"])
     assert rc == 0
-    assert [p.suffix for p in cache.iterdir()] == [".safetensors"]  # the staged frames are gone
+    entries = InversionCache(cache).entries()
+    assert sorted(cache.iterdir()) == entries and len(entries) == 1  # the staged frames are gone
     out = tmp_path / "strided"
     rc = main(["edit", str(env.clip), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
                "--cache-dir", str(cache), "--stride", "2", *SMALL, "--quiet"])
@@ -235,8 +237,8 @@ def first_again(env, first_run) -> Path:
 def test_same_seed_same_inputs_give_identical_latents(env, first_again):
     rc, third = env.edit("first-third", "--save-latents")
     assert rc == 0
-    a = load_file(str(first_again / "latents.safetensors"))
-    b = load_file(str(third / "latents.safetensors"))
+    a = load_latents(first_again / "latents")
+    b = load_latents(third / "latents")
     assert a["final"].shape == (N, 4, OUT_H // 8, OUT_W // 8)
     assert torch.equal(a["final"], b["final"])
     assert report(third)["keyframes"] == report(first_again)["keyframes"]
@@ -244,22 +246,22 @@ def test_same_seed_same_inputs_give_identical_latents(env, first_again):
 
 def test_first_run_and_rerun_give_identical_latents(first_run, first_again):
     assert report(first_run)["inversion_cache_hit"] is False and report(first_again)["inversion_cache_hit"] is True
-    a = load_file(str(first_run / "latents.safetensors"))
-    b = load_file(str(first_again / "latents.safetensors"))
+    a = load_latents(first_run / "latents")
+    b = load_latents(first_again / "latents")
     for key in a:
-        if key.startswith("source_t"):
+        if key.startswith("t"):
             assert torch.equal(a[key], b[key]), key  # the inverted source latents do round-trip exactly
     assert report(first_again)["keyframes"] == report(first_run)["keyframes"]
     assert torch.equal(a["final"], b["final"])
 
 
 def test_latents_file_has_source_latents_of_every_editing_step(first_run):
-    tensors = load_file(str(first_run / "latents.safetensors"))
+    tensors = load_latents(first_run / "latents")
     timesteps = report(first_run)["timesteps"]
     assert len(timesteps) == STEPS
     for t in timesteps:
-        assert f"source_t{t}" in tensors, sorted(tensors)
-        assert tensors[f"source_t{t}"].shape == tensors["final"].shape
+        assert f"t{t}" in tensors, sorted(tensors)
+        assert tensors[f"t{t}"].shape == tensors["final"].shape
 
 
 # ----------------------------------------------------------------------------- 6. config files
@@ -483,3 +485,49 @@ def test_quiet_in_a_config_file_silences_logs_as_the_flag_does(pan_clip, tiny_mo
                            capture_output=True, text=True, timeout=300, env=env)
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr == "" and quiet.stdout.strip() == str(tmp_path / "quiet")
+
+
+# ----------------------------------------------------------------------------- errors name fields, the CLI flags
+
+
+def _library_error_references() -> set[str]:
+    """Every option named (`field` in backticks) by the message of an error the library raises (not an
+    interface's), read from the source: the string parts of every ``raise`` statement, and of the tuples a
+    message's option name is drawn from."""
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "src" / "tokenflow"
+    names = set()
+    for path in root.rglob("*.py"):
+        if path.name in ("cli.py", "ui.py", "pipeline.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Raise, ast.For)):
+                scope = node.exc if isinstance(node, ast.Raise) else node.iter
+                for part in ast.walk(scope) if scope is not None else ():
+                    if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                        names.update(re.findall(r"`([a-z][a-z0-9_]*)`", part.value))
+    return names
+
+
+def test_library_errors_name_fields_and_the_cli_shows_each_as_an_existing_flag(tmp_path, capsys):
+    import typer
+
+    from tokenflow.cli import _as_flags, app
+    from tokenflow.errors import InputError
+    from tokenflow.runner import RunOptions
+
+    with pytest.raises(InputError) as exc:  # the library speaks field names...
+        RunOptions(video=tmp_path / "v.mp4", prompt="a robot", inversion_steps=0).check_inputs()
+    assert str(exc.value).startswith("`inversion_steps` 0:") and "--" not in str(exc.value)
+    # ...and every option a library error can name is a flag of some command, once the CLI renames it
+    flags = {opt for command in typer.main.get_command(app).commands.values() for p in command.params
+             for opt in p.opts + p.secondary_opts}
+    references = _library_error_references()
+    assert {"inversion_steps", "depth_model", "gpus_per_job", "clip_model", "pnp_attn_t"} <= references
+    unknown = {name: _as_flags(f"`{name}`") for name in references if _as_flags(f"`{name}`") not in flags}
+    assert not unknown, unknown
+    assert _as_flags("`evaluate` and `pnp`") == "--eval and --pnp"  # declared flags, not the default spelling
+    rc = main(["edit", str(tmp_path / "v.mp4"), "--prompt", "x", "--inversion-steps", "0"])
+    assert rc == 2 and "--inversion-steps 0: must be at least 1" in capsys.readouterr().err

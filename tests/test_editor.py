@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -165,14 +167,14 @@ def test_v_prediction_inversion_reconstructs_as_well_as_epsilons(tmp_path, frame
 
 def test_check_inputs_names_the_bad_value():
     for kw, word in [
-        (dict(prompt="  "), "--prompt"),
-        (dict(steps=0), "--steps"),
-        (dict(batch_size=0), "--batch-size"),
-        (dict(pnp_attn_t=1.5), "--pnp-attn-t"),
-        (dict(propagation="bogus"), "--propagation"),
-        (dict(blending="bogus"), "--blending"),
+        (dict(prompt="  "), "`prompt`"),
+        (dict(steps=0), "`steps`"),
+        (dict(batch_size=0), "`batch_size`"),
+        (dict(pnp_attn_t=1.5), "`pnp_attn_t`"),
+        (dict(propagation="bogus"), "`propagation`"),
+        (dict(blending="bogus"), "`blending`"),
     ]:
-        with pytest.raises(InputError, match=word):
+        with pytest.raises(InputError, match=re.escape(word)):
             _config(**kw).check_inputs()
 
 
@@ -182,32 +184,39 @@ def test_reference_blending_refuses_keyframes_that_are_not_one_per_chunk(model, 
 
 
 def test_missing_timesteps_in_the_source_latents_are_refused(model, source):
-    with pytest.raises(InputError, match="--steps"):
+    with pytest.raises(InputError, match="`steps`"):
         TokenFlowEditor(model).edit(source, _config(steps=5), progress=False)
 
 
-def test_inversion_cache_round_trip_and_keys(model, frames, tmp_path):
+def test_inversion_cache_round_trip_and_keys(model, frames, tmp_path, caplog):
     cache = InversionCache(tmp_path)
     hits = []
     first = invert_frames(model, frames[:2], steps=3, inversion_steps=6, cache=cache, progress=False,
                           on_cache_hit=hits.append)
-    assert not hits and len(list(tmp_path.glob("*.safetensors"))) == 1
-    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
+    assert not hits and len(cache.entries()) == 1
+    assert sorted(tmp_path.iterdir()) == cache.entries()  # no temporary or lock file left
     second = invert_frames(model, frames[:2], steps=3, inversion_steps=6, cache=cache, progress=False,
                            on_cache_hit=hits.append)
     assert len(hits) == 1
     assert torch.equal(first.clean, second.clean)
-    assert all(torch.equal(first.noisy[t], second.noisy[t]) for t in first.noisy)
+    assert all(torch.equal(first.noisy[t][:], second.noisy[t][:]) for t in first.noisy)
     assert second.reconstruction_psnr == pytest.approx(first.reconstruction_psnr)
     grid, save = inversion_grid(model, 3, 6)
     key = InversionCache.key(frames[:2], model, "", grid, save)
     assert key != InversionCache.key(frames[:2], model, "a photo", grid, save)
     assert key != InversionCache.key(frames[1:3], model, "", grid, save)
-    # a damaged entry is recomputed, not fatal
-    cache.path(key).write_bytes(b"garbage")
-    third = invert_frames(model, frames[:2], steps=3, inversion_steps=6, cache=cache, progress=False,
-                          on_cache_hit=hits.append)
+    # a damaged entry (one flipped byte in a shard: its checksum) is reported, recomputed, not fatal
+    shard = sorted(cache.path(key).glob("frames-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="tokenflow.inversion"):
+        third = invert_frames(model, frames[:2], steps=3, inversion_steps=6, cache=cache, progress=False,
+                              on_cache_hit=hits.append)
     assert len(hits) == 1 and torch.equal(third.clean, first.clean)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "checksum" in warnings[0], warnings
+    assert cache.load(key) is not None  # the recomputed entry is sound
 
 
 def test_random_keyframes_follow_the_reference_draws_and_handle_a_partial_chunk():
@@ -246,7 +255,7 @@ def test_keyframe_window_covering_all_keyframes_equals_full_attention_and_a_smal
     # "auto" keeps full joint attention while it fits
     assert _config(batch_size=1).resolve_keyframe_window(6, 8 * 12) is None
     assert _config(batch_size=8).resolve_keyframe_window(10_000, 64 * 64) >= 1
-    with pytest.raises(InputError, match="--keyframe-window"):
+    with pytest.raises(InputError, match="`keyframe_window`"):
         _config(keyframe_window="wide").check_inputs()
 
 

@@ -9,7 +9,7 @@ import torch
 
 from tokenflow import Cancelled, ProgressEvent
 from tokenflow.editor import EditConfig, TokenFlowEditor
-from tokenflow.inversion import invert_frames
+from tokenflow.inversion import InversionCache, invert_frames
 from tokenflow.runner import RunOptions, edit_video, invert_video
 
 from conftest import PAN_FRAMES
@@ -90,12 +90,12 @@ def test_a_cancelled_inversion_raises_and_the_next_run_resumes_it(pan_clip, tiny
     options = _options(pan_clip, tiny_model_dir, tmp_path)
     with pytest.raises(Cancelled):
         invert_video(options, progress=progress, cancel=cancel)
-    assert list((tmp_path / "cache").glob("*.progress.json"))  # the finished batch was kept
+    assert list((tmp_path / "cache").glob("*.partial/frames-*.safetensors"))  # the finished batch was kept
     resumed: list[ProgressEvent] = []
     invert_video(options, progress=resumed.append)
     first = next(e for e in resumed if e.stage == "inversion")
     assert first.done >= 4  # starts after the frames done before the cancel
-    assert list((tmp_path / "cache").glob("*.safetensors"))
+    assert InversionCache(tmp_path / "cache").entries()
 
 
 def test_cancel_accepts_anything_with_is_set(tiny_model, pan6):

@@ -33,14 +33,17 @@ from tokenflow.attention import (
 )
 from tokenflow.editor import EditConfig, TokenFlowEditor, _KeyframePlan
 from tokenflow.inversion import (
+    CorruptLatents,
     InversionCache,
-    LazyLatents,
-    SafetensorsWriter,
+    LatentColumn,
+    LatentStore,
     SourceLatents,
     inversion_grid,
     invert_frames,
-    write_safetensors,
+    load_latents,
+    write_latents,
 )
+from tokenflow.inversion.storage import shard_name
 from tokenflow.models import load_model
 from tokenflow.testing import pan_frames
 
@@ -387,76 +390,118 @@ def test_lazy_source_latents_equal_the_in_memory_ones_and_edit_identically(
     lazy = invert_frames(model, frames, steps=3, inversion_steps=6, reconstruct=False, progress=False,
                          cache=InversionCache(tmp_path))
     assert lazy.lazy and not source.lazy
-    assert all(isinstance(v, LazyLatents) for v in lazy.noisy.values())
+    assert all(isinstance(v, LatentColumn) for v in lazy.noisy.values())
     assert sorted(lazy.noisy) == sorted(source.noisy) and lazy.noisiest == source.noisiest
     assert torch.equal(lazy.clean, source.clean)
     for t in source.noisy:
         assert torch.equal(lazy.noisy[t][[4, 0, 1, 5]], source.noisy[t][[4, 0, 1, 5]])
         assert torch.equal(lazy.noisy[t].load(), source.noisy[t])
     reads = []
-    original = LazyLatents._read
-    monkeypatch.setattr(LazyLatents, "_read", lambda self, runs: reads.append(runs) or original(self, runs))
+    original = LatentColumn._read
+    monkeypatch.setattr(LatentColumn, "_read", lambda self, rows: reads.append(list(rows)) or original(self, rows))
     config = _config(keyframes=[[1, 4]] * 3)
     assert torch.equal(
         TokenFlowEditor(model).edit(lazy, config, progress=False).latents,
         TokenFlowEditor(model).edit(source, config, progress=False).latents,
     )
     # the editor read the noisiest latents whole once (start latent), then only the frames of each UNet call
-    whole = [r for r in reads if r == [(0, 6)]]
-    assert len(whole) == 1 and all(sum(z - a for a, z in r) <= 2 for r in reads if r != [(0, 6)])
+    whole = [r for r in reads if r == list(range(6))]
+    assert len(whole) == 1 and all(len(r) <= 2 for r in reads if r != list(range(6)))
 
 
-def test_lazy_latents_index_like_a_tensor(tmp_path):
+def test_latent_columns_index_like_a_tensor_across_shards_and_are_no_tensor(tmp_path):
     data = torch.randn(7, 2, 3, 4)
-    path = write_safetensors(tmp_path / "x.safetensors", {"x": data, "y": data[:3]}, metadata={"a": "b"})
-    lazy = LazyLatents(path, "x", data.shape, torch.float32)
+    path = write_latents(tmp_path / "store", {"x": data, "y": -data}, info={"a": "b"}, frames_per_shard=3)
+    store = LatentStore.open(path)
+    lazy = store.columns["x"]
+    assert len(lazy.shards) == 3 and store.info == {"a": "b"}  # frames 0-2, 3-5, 6
     assert len(lazy) == 7 and lazy.shape == data.shape and lazy.ndim == 4
     for index in (3, -1, slice(2, 5), slice(None, None, 2), slice(-3, None), [6, 0, 1, 2, 2], torch.tensor([5, 1]),
                   torch.tensor(4), torch.tensor([True, False] * 3 + [True]), (slice(1, 3), 0, slice(None), 2),
-                  (2, 1), range(1, 4)):
+                  (2, 1), range(1, 4), slice(2, 2)):
         assert torch.equal(lazy[index], data[index]), index
-    assert torch.equal(lazy - 1.5 * data, data - 1.5 * data)
-    assert torch.equal(2 * lazy + data, 2 * data + data)
-    assert torch.equal(torch.cat([lazy, data]), torch.cat([data, data]))
-    assert torch.equal(lazy.contiguous(), data) and torch.equal(lazy.to(torch.float64), data.double())
-    assert torch.equal(lazy[2:2], data[2:2])
+    assert torch.equal(store.columns["y"][:], -data) and torch.equal(lazy.load(), data)
+    with pytest.raises(TypeError):  # arithmetic needs an explicit read: no whole-video load by accident
+        lazy - 1.5
     with pytest.raises(IndexError):
         lazy[[7]]
     read = lazy[[1, 2]]
-    os.unlink(path)  # what was read stays valid; later reads say what happened
+    (path / shard_name(0, 3)).unlink()  # what was read stays valid; later reads say what happened
     assert torch.equal(read, data[[1, 2]])
     with pytest.raises(FileNotFoundError, match="removed while in use"):
         lazy[0]
+    assert torch.equal(lazy[4:6], data[4:6])  # the other shards still read
 
 
-def test_streamed_safetensors_files_are_ordinary_ones_and_resume_only_on_the_same_layout(tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+def test_a_latents_store_is_plain_safetensors_shards_with_a_checksummed_index(tmp_path):
+    from safetensors.torch import load_file, save_file
 
-    tensors = {"a": torch.randn(5, 3), "b": torch.arange(4, dtype=torch.float16), "c": torch.tensor(2.5)}
-    path = write_safetensors(tmp_path / "t.safetensors", tensors, metadata={"k": "v"}, chunk_bytes=12)
-    loaded = load_file(str(path))
-    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
-    with safe_open(str(path), framework="pt") as f:
-        assert f.metadata() == {"k": "v"}
-    layout = {"a": ((5, 3), torch.float32)}
-    writer = SafetensorsWriter(tmp_path / "p", layout, {"m": "1"}, reserve=64).create()
-    writer.write("a", 3, torch.ones(2, 3))
-    writer.set_metadata({"m": "2" * 40})
-    writer.close()
-    assert SafetensorsWriter(tmp_path / "p", layout, reserve=64).matches()
-    assert not SafetensorsWriter(tmp_path / "p", {"a": ((6, 3), torch.float32)}, reserve=64).matches()
-    got = load_file(str(tmp_path / "p"))["a"]
-    assert torch.equal(got[3:], torch.ones(2, 3)) and torch.equal(got[:3], torch.zeros(3, 3))
+    data = {"clean": torch.randn(5, 4, 2, 2), "t21": torch.randn(5, 4, 2, 2), "t41": torch.randn(5, 4, 2, 2)}
+    path = write_latents(tmp_path / "store", data, frames_per_shard=2)
+    index = json.loads((path / "index.json").read_text())
+    assert [(s["start"], s["stop"]) for s in index["shards"]] == [(0, 2), (2, 4), (4, 5)]
+    for entry in index["shards"]:  # each shard is an ordinary safetensors file of those frames
+        shard = load_file(str(path / entry["file"]))
+        assert all(torch.equal(shard[k], v[entry["start"]:entry["stop"]]) for k, v in data.items())
+    loaded = load_latents(path)
+    assert loaded.keys() == data.keys() and all(torch.equal(loaded[k], v) for k, v in data.items())
+    assert sorted(SourceLatents.from_file(path).noisy) == [21, 41]
+    # damage is found before use: a changed byte (checksum), a truncated shard (size), a missing one
+    shard = path / index["shards"][1]["file"]
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(CorruptLatents, match="checksum"):
+        LatentStore.open(path).verify()
+    shard.write_bytes(original[:-4])
+    with pytest.raises(CorruptLatents, match="truncated"):
+        LatentStore.open(path).verify()
+    shard.unlink()
+    with pytest.raises(CorruptLatents, match="missing"):
+        LatentStore.open(path).verify()
+    with pytest.raises(ValueError, match="not a latents store"):
+        SourceLatents.from_file(path)
+    # a single file of an older release (``source_t<T>`` names) opens as a one-shard store with today's names
+    old = tmp_path / "latents.safetensors"
+    save_file({"clean": data["clean"], "source_t21": data["t21"], "final": data["t41"]}, str(old))
+    store = LatentStore.open(old)
+    assert sorted(store.columns) == ["clean", "final", "t21"] and torch.equal(store.columns["t21"][1:3], data["t21"][1:3])
+    lazy = SourceLatents.from_file(old, lazy=True)
+    assert lazy.lazy and torch.equal(lazy.noisy[21][:], data["t21"]) and not SourceLatents.from_file(old).lazy
 
 
-def test_save_latents_file_loads_lazily(source, tmp_path):
-    tensors = {"clean": source.clean, **{f"source_t{t}": v for t, v in source.noisy.items()}}
-    path = write_safetensors(tmp_path / "latents.safetensors", tensors)
-    lazy = SourceLatents.from_file(path, lazy=True)
-    eager = SourceLatents.from_file(path)
-    assert lazy.lazy and not eager.lazy
-    assert all(torch.equal(lazy.noisy[t][:], eager.noisy[t]) for t in eager.noisy)
+def test_an_older_single_file_cache_entry_is_read_and_an_older_partial_discarded(model, frames, tmp_path, caplog):
+    import logging
+
+    from safetensors.torch import save_file
+
+    clip = frames[:2]
+    grid, save = inversion_grid(model, 3, 6)
+    key = InversionCache.key(clip, model, "", grid, save)
+    fresh = invert_frames(model, clip, steps=3, inversion_steps=6, reconstruct=False, progress=False,
+                          cache=InversionCache(tmp_path / "new"))
+    old = InversionCache(tmp_path / "old")
+    old.root.mkdir()
+    tensors = {"clean": fresh.clean, **{f"t{t}": v[:] for t, v in fresh.noisy.items()}}
+    save_file(tensors, str(old.root / f"{key}.safetensors"), metadata={"info": json.dumps({"steps": 3})})
+    calls, handle = _count_unet_calls(model)
+    try:
+        hits = []
+        hit = invert_frames(model, clip, steps=3, inversion_steps=6, reconstruct=False, progress=False, cache=old,
+                            on_cache_hit=hits.append)
+    finally:
+        handle.remove()
+    assert calls[0] == 0 and hits == [old.root / f"{key}.safetensors"] and hit.info == {"steps": 3}
+    assert all(torch.equal(hit.noisy[t][:], fresh.noisy[t][:]) for t in save)
+    # an older release's unfinished inversion (one preallocated file + progress.json): one line, then inverted anew
+    other = InversionCache(tmp_path / "partial")
+    other.root.mkdir()
+    other.partial_path(key).write_bytes(b"\0" * 64)
+    (other.root / f"{key}.progress.json").write_text(json.dumps({"inverted": [[0, 2]], "reconstructed": []}))
+    with caplog.at_level(logging.INFO, logger="tokenflow.inversion"):
+        again = invert_frames(model, clip, steps=3, inversion_steps=6, reconstruct=False, progress=False, cache=other)
+    assert caplog.text.count("older tokenflow") == 1
+    assert torch.equal(again.noisy[save[-1]][:], fresh.noisy[save[-1]][:])
+    assert sorted(other.root.iterdir()) == [other.path(key)]
 
 
 # -- resumable inversion ---------------------------------------------------------------------------------------
@@ -500,7 +545,7 @@ def test_an_interrupted_inversion_resumes_where_it_stopped_and_ends_bit_identica
     finally:
         handle.remove()
     assert cache.partial_path(key).exists() and not cache.path(key).exists()
-    assert json.loads(cache.progress_path(key).read_text())["inverted"] == [[0, 2]]
+    assert [p.name for p in cache.partial_path(key).glob("frames-*")] == [shard_name(0, 2)]
     # 2nd run: redoes the second batch, inverts the third, killed in the second batch's reconstruction
     calls, handle = _count_unet_calls(model, limit=2 * g + s + 1)
     try:
@@ -519,7 +564,7 @@ def test_an_interrupted_inversion_resumes_where_it_stopped_and_ends_bit_identica
     assert torch.equal(resumed.clean, reference.clean)
     assert all(torch.equal(resumed.noisy[t].load(), reference.noisy[t].load()) for t in reference.noisy)
     assert resumed.reconstruction_psnr == reference.reconstruction_psnr
-    assert sorted(p.name for p in (tmp_path / "interrupted").iterdir()) == [f"{key}.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "interrupted").iterdir()) == [key]
     # and the uncached, in-memory path computes the very same numbers
     in_memory = invert_frames(model, frames, **kwargs)
     assert all(torch.equal(in_memory.noisy[t], reference.noisy[t].load()) for t in reference.noisy)
@@ -542,9 +587,12 @@ def test_an_inversion_interrupted_inside_a_batch_continues_from_its_last_checkpo
             invert_frames(model, frames, cache=cache, **kwargs)
     finally:
         handle.remove()
-    state = json.loads(cache.progress_path(key).read_text())
-    assert state["inverted"] == [[0, 3]]
-    a, z, t = state["current"]
+    from safetensors import safe_open
+
+    partial = cache.partial_path(key)
+    assert [p.name for p in partial.glob("frames-*")] == [shard_name(0, 3)]
+    with safe_open(str(partial / "checkpoint.safetensors"), framework="pt") as f:
+        a, z, t = json.loads(f.metadata()["info"])["checkpoint"]
     assert (a, z) == (3, 6) and t in save and grid.index(t) < g - 2
     calls, handle = _count_unet_calls(model)
     try:
@@ -556,20 +604,24 @@ def test_an_inversion_interrupted_inside_a_batch_continues_from_its_last_checkpo
     assert all(torch.equal(resumed.noisy[s].load(), reference.noisy[s]) for s in save)
 
 
-def test_a_partial_file_that_does_not_match_is_started_over(model, frames, tmp_path):
+def test_partial_shards_that_do_not_fit_are_discarded_and_redone(model, frames, tmp_path):
     cache = InversionCache(tmp_path)
     grid, save = inversion_grid(model, 3, 6)
-    key = InversionCache.key(frames[:2], model, "", grid, save)
-    cache.root.mkdir(parents=True, exist_ok=True)
-    cache.partial_path(key).write_bytes(b"not a safetensors file")
-    cache.progress_path(key).write_text(json.dumps({"inverted": [[0, 2]], "reconstructed": []}))
+    kwargs = dict(steps=3, inversion_steps=6, batch_size=2, reconstruct=False, progress=False)
+    reference = invert_frames(model, frames[:4], **kwargs)
+    key = InversionCache.key(frames[:4], model, "", grid, save)
+    partial = cache.partial_path(key)
+    partial.mkdir(parents=True)
+    (partial / shard_name(0, 2)).write_bytes(b"not a safetensors file")
+    write_latents(tmp_path / "other", {"clean": torch.zeros(2, 4, 3, 3)}, frames_per_shard=2)  # another shape
+    os.replace(tmp_path / "other" / shard_name(0, 2), partial / shard_name(2, 4))
     calls, handle = _count_unet_calls(model)
     try:
-        src = invert_frames(model, frames[:2], steps=3, inversion_steps=6, batch_size=2, reconstruct=False,
-                            progress=False, cache=cache)
+        src = invert_frames(model, frames[:4], cache=cache, **kwargs)
     finally:
         handle.remove()
-    assert calls[0] == len(grid) and src.lazy
+    assert calls[0] == 2 * len(grid) and src.lazy
+    assert all(torch.equal(src.noisy[t][:], reference.noisy[t]) for t in save)
 
 
 # -- host memory on a long clip ----------------------------------------------------------------------------------

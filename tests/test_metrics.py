@@ -137,7 +137,7 @@ def test_raft_without_offline_weights_is_refused(pan):
         pytest.skip("torchvision RAFT weights are cached here")
     with pytest.raises(InputError) as exc:
         metrics.optical_flow(pan[0], pan[1], method="raft")
-    assert "--flow dis" in one_line(exc)
+    assert "`flow` dis" in one_line(exc)
     with pytest.raises(InputError):
         metrics.evaluate(pan, pan, flow="raft")
 
@@ -145,7 +145,7 @@ def test_raft_without_offline_weights_is_refused(pan):
 def test_unknown_flow_method(pan):
     with pytest.raises(InputError) as exc:
         metrics.optical_flow(pan[0], pan[1], method="lucas")
-    assert "--flow lucas" in one_line(exc)
+    assert "`flow` lucas" in one_line(exc)
 
 
 # ----------------------------------------------------------------------------- psnr / ssim
@@ -179,7 +179,7 @@ def test_mismatched_inputs_are_refused(pan):
 
     with pytest.raises(InputError) as exc:
         metrics.evaluate(pan, pan, gap=N)
-    assert "--gap" in one_line(exc)
+    assert "`gap`" in one_line(exc)
     with pytest.raises(InputError):
         metrics.evaluate(pan, pan, gap=0)
     with pytest.raises(InputError) as exc:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from tokenflow.inversion import load_latents
 
 from tokenflow.cli import main
 from tokenflow.control import canny_maps, to_control_tensor
@@ -167,7 +167,7 @@ def test_cli_sdedit_strength_zero_is_the_vae_round_trip(pan_clip, tiny_model_dir
     out = tmp_path / "sd0"
     assert main(_edit_args(pan_clip, tiny_model_dir, out, tmp_path / "cache", "--mode", "sdedit", "--strength", "0",
                            "--save-latents")) == 0
-    latents = load_file(str(out / "latents.safetensors"))
+    latents = load_latents(out / "latents")
     assert torch.equal(latents["final"], latents["clean"])
 
 

@@ -173,7 +173,7 @@ def test_cache_dir_writes_one_entry_the_cli_finds_and_a_second_call_hits_it(
     cache = tmp_path / "cache"
     first = pipe(pan6, cache_dir=cache, output_type="latent", **KW)
     assert torch.equal(first.frames[0], ref.latents)
-    entries = list(cache.glob("*.safetensors"))
+    entries = InversionCache(cache).entries()
     assert len(entries) == 1
 
     def no_inversion(*args, **kwargs):
@@ -189,7 +189,7 @@ def test_cache_dir_writes_one_entry_the_cli_finds_and_a_second_call_hits_it(
     hits = []
     editor.invert(pan6, steps=STEPS, inversion_steps=INV_STEPS, batch_size=BATCH, cache=InversionCache(cache),
                   reconstruct=False, progress=False, on_cache_hit=hits.append)
-    assert hits == entries and list(cache.glob("*.safetensors")) == entries
+    assert hits == entries and InversionCache(cache).entries() == entries
 
 
 def test_a_pipeline_built_in_memory_keys_the_cache_by_its_weights(pipe, pan6, tmp_path):
@@ -199,14 +199,14 @@ def test_a_pipeline_built_in_memory_keys_the_cache_by_its_weights(pipe, pan6, tm
     assert not built.name_or_path and built.unet is pipe.unet
     built.invert(pan6[:2], **kw)
     built.invert(pan6[:2], **kw)
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert len(InversionCache(tmp_path / "cache").entries()) == 1
     vae = copy.deepcopy(pipe.vae)
     with torch.no_grad():
         next(vae.parameters()).add_(1e-3)
     _quiet(TokenFlowPipeline(**dict(pipe.components, vae=vae))).invert(pan6[:2], **kw)  # other weights: a new key
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    assert len(InversionCache(tmp_path / "cache").entries()) == 2
     pipe.invert(pan6[:2], **kw)  # the same weights by name: its own key
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    assert len(InversionCache(tmp_path / "cache").entries()) == 3
 
 
 def test_bad_arguments_raise_value_errors_naming_them(pipe, pan6, source):
@@ -325,7 +325,7 @@ def test_lora_weights_load_and_key_the_cache(tiny_model_dir, pan6, tmp_path):
     tuned.load_lora_weights(str(lora))
     out = tuned(pan6, **kw).frames[0]
     assert not torch.equal(out, base)
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # the LoRA is part of the cache key
+    assert len(InversionCache(tmp_path / "cache").entries()) == 2  # the LoRA is part of the cache key
     model = load_model(tiny_model_dir, device="cpu", dtype="float32", loras=[(str(lora), 1.0)])
     editor = TokenFlowEditor(model)
     src = editor.invert(pan6, steps=2, inversion_steps=2, batch_size=BATCH, reconstruct=False, progress=False)

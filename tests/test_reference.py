@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from tokenflow.inversion import load_latents
 
 from tokenflow.cli import main
 from tokenflow.editor import EditConfig, TokenFlowEditor
@@ -164,12 +164,12 @@ def cli_runs(tmp_path_factory):
             ]
         )
         assert code == 0
-        runs[mode] = load_file(str(out / "latents.safetensors"))
+        runs[mode] = load_latents(out / "latents")
     return runs
 
 
 def test_cli_end_to_end_inversion_matches(cli_runs, golden_inverted, record_difference):
-    rel = {t: ((cli_runs["tokenflow"][f"source_t{t}"] - ref).norm() / ref.norm()).item() for t, ref in golden_inverted.items()}
+    rel = {t: ((cli_runs["tokenflow"][f"t{t}"] - ref).norm() / ref.norm()).item() for t, ref in golden_inverted.items()}
     assert record_difference(max(rel.values()), "max relative difference over timesteps") < 1e-3, rel
 
 

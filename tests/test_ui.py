@@ -320,7 +320,7 @@ def test_plain_message():
     from tokenflow.errors import InputError
     from tokenflow.ui import plain_message
 
-    exc = InputError("/tmp/gradio/abc/clip.mp4: --start 9 is past the last frame (6 frames); choose a smaller --start")
+    exc = InputError("/tmp/gradio/abc/clip.mp4: `start` 9 is past the last frame (6 frames); choose a smaller `start`")
     assert plain_message(exc, {"/tmp/gradio/abc/clip.mp4": "clip.mp4"}) == (
         "clip.mp4: Start frame 9 is past the last frame (6 frames); choose a smaller Start frame")
 

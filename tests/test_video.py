@@ -242,7 +242,7 @@ def test_working_size(size_in, size, expected):
 
 def test_working_size_multiple_and_errors():
     assert working_size(1920, 1080, 512, multiple=64) == (896, 512)
-    with pytest.raises(InputError, match="--size 4"):
+    with pytest.raises(InputError, match="`size` 4"):
         working_size(640, 480, 4)
 
 
@@ -469,13 +469,13 @@ def test_start_past_end(clips):
     with pytest.raises(InputError) as exc:
         load_frames(path, start=500)
     assert_one_line_naming(exc, path)
-    assert f"--start 500 is past the last frame ({N} frames)" in str(exc.value)
-    with pytest.raises(InputError, match=r"--start 16 is past the last frame \(16 frames\)"):
+    assert f"`start` 500 is past the last frame ({N} frames)" in str(exc.value)
+    with pytest.raises(InputError, match=r"`start` 16 is past the last frame \(16 frames\)"):
         load_frames(clips["png"], start=16)
 
 
-@pytest.mark.parametrize("kwargs, option", [({"stride": 0}, "--stride"), ({"max_frames": 0}, "--max-frames"),
-                                            ({"start": -1}, "--start")])
+@pytest.mark.parametrize("kwargs, option", [({"stride": 0}, "`stride`"), ({"max_frames": 0}, "`max_frames`"),
+                                            ({"start": -1}, "`start`")])
 def test_bad_selection(clips, kwargs, option):
     path = clips["mkv"]
     with pytest.raises(InputError) as exc:

@@ -738,21 +738,16 @@ class _Slot:
 
 
 def _lock_out(out: Path):
-    """Hold OUT/.batch.lock (one batch per output folder at a time); None where flock is unavailable."""
+    """Hold OUT/.batch.lock (one batch per output folder at a time); release it with ``.release()``."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(out / ".batch.lock"))
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        return None
-    handle = open(out / ".batch.lock", "a+")  # noqa: SIM115 - held until the batch ends
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise InputError(f"--out {out}: another tokenflow batch is writing there; wait for it or use another --out"
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise InputError(f"`out` {out}: another tokenflow batch is writing there; wait for it or use another `out`"
                          ) from None
-    except OSError:  # a filesystem without locks
-        return handle
-    return handle
+    return lock
 
 
 def _start_ray(address: str | None, num_cpus: int):
@@ -777,7 +772,7 @@ def _start_ray(address: str | None, num_cpus: int):
         try:
             ray.init(address=address, **common)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise InputError(f"--address {address}: cannot connect to a Ray cluster ({exc}); "
+            raise InputError(f"`address` {address}: cannot connect to a Ray cluster ({exc}); "
                              "start one with `ray start --head` or check the address") from exc
     return ray, True
 
@@ -788,7 +783,7 @@ def _plan_workers(ray, address, gpus_per_job: float, workers: int | None, jobs: 
     gpus = float(resources.get("GPU", 0))
     if gpus > 0:
         if gpus_per_job > gpus:
-            raise InputError(f"--gpus-per-job {gpus_per_job:g}: the cluster has {gpus:g} GPU(s)")
+            raise InputError(f"`gpus_per_job` {gpus_per_job:g}: the cluster has {gpus:g} GPU(s)")
         fit = max(1, int(gpus // gpus_per_job + 1e-9))
         count = workers or fit
         if count > fit:
@@ -847,11 +842,11 @@ def run_batch(
     """
     jobs_file = Path(jobs_file)
     if gpus_per_job <= 0:
-        raise InputError(f"--gpus-per-job {gpus_per_job:g}: must be more than 0 (fractions share a GPU)")
+        raise InputError(f"`gpus_per_job` {gpus_per_job:g}: must be more than 0 (fractions share a GPU)")
     if retries < 0:
-        raise InputError(f"--retries {retries}: must be 0 or more")
+        raise InputError(f"`retries` {retries}: must be 0 or more")
     if workers is not None and workers < 1:
-        raise InputError(f"--workers {workers}: must be at least 1")
+        raise InputError(f"`workers` {workers}: must be at least 1")
     out = Path(out) if out is not None else Path("tokenflow-out") / (_slug(jobs_file.stem) or "batch")
     out = out.expanduser().resolve()
     jobs = load_jobs(jobs_file, out, cache_dir=cache_dir, remote=address is not None)
@@ -888,8 +883,7 @@ def run_batch(
         info["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         summary = _summary(jobs, out, jobs_file, info)
         _write_json(out / SUMMARY, summary)
-        if lock is not None:
-            lock.close()
+        lock.release()
     return BatchResult(out=out, jobs=jobs, summary=summary)
 
 

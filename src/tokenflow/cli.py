@@ -220,6 +220,14 @@ def _setup_logging(quiet: bool) -> None:
         pass
 
 
+def _as_flags(message: str) -> str:
+    """A library error names options by field (`inversion_steps`); here they are flags (--inversion-steps)."""
+    from .options import flag_name, flags_for_fields, rename_fields
+
+    special = flags_for_fields()
+    return rename_fields(message, lambda name: special.get(name, flag_name(name)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2; no traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -236,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("tokenflow: interrupted; no output was written", err=True)
         return INTERRUPTED
     except TokenFlowError as exc:
-        click.echo(f"tokenflow: error: {' '.join(str(exc).split())}", err=True)
+        click.echo(f"tokenflow: error: {' '.join(_as_flags(str(exc)).split())}", err=True)
         return 2
     except KeyboardInterrupt:
         click.echo("tokenflow: interrupted; no output was written", err=True)

@@ -28,7 +28,7 @@ __all__ = [
 def canny_maps(frames: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
     """Canny edges of each uint8 ``[N,H,W,3]`` frame as white-on-black RGB, same size as the frames."""
     if not 0 <= low <= high:
-        raise InputError(f"--canny-low {low} / --canny-high {high}: need 0 <= low <= high")
+        raise InputError(f"`canny_low` {low} / `canny_high` {high}: need 0 <= low <= high")
     out = np.empty_like(frames)
     for i, frame in enumerate(frames):
         edges = cv2.Canny(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), low, high)
@@ -38,14 +38,14 @@ def canny_maps(frames: np.ndarray, low: int = 100, high: int = 200) -> np.ndarra
 
 def _depth_estimator(model: str | None):
     if not model:
-        raise InputError("--control depth needs a depth estimator: pass --depth-model ID_OR_PATH (e.g. a DPT model)")
+        raise InputError("`control` depth needs a depth estimator: pass `depth_model` ID_OR_PATH (e.g. a DPT model)")
     from transformers import pipeline
 
     try:
         return pipeline("depth-estimation", model=model)
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise ModelLoadError(f"--depth-model {model}: could not be loaded ({reason}); pass a local folder") from exc
+        raise ModelLoadError(f"`depth_model` {model}: could not be loaded ({reason}); pass a local folder") from exc
 
 
 def _estimate_depth(estimator, frames: np.ndarray) -> np.ndarray:
@@ -78,7 +78,7 @@ def _iter_folder_maps(folder: Path, start: int, stride: int, count: int, width: 
         found += 1
         yield resize_frames(image, width, height)
     if found < count:
-        raise InputError(f"--control {folder}: has {found} maps for the {count} selected frames; add the missing ones")
+        raise InputError(f"`control` {folder}: has {found} maps for the {count} selected frames; add the missing ones")
 
 
 def stream_control_maps(
@@ -95,7 +95,7 @@ def stream_control_maps(
     else:
         folder = Path(kind)
         if not folder.is_dir():
-            raise InputError(f"--control {kind}: use canny, depth or a folder of precomputed maps")
+            raise InputError(f"`control` {kind}: use canny, depth or a folder of precomputed maps")
         yield from _iter_folder_maps(folder, start, stride, n, width, height)
         return
     for a in range(0, n, max(1, batch_size)):
@@ -118,5 +118,5 @@ def check_control_fits(controlnet_id: str | None, kind: str) -> None:
     name = (controlnet_id or "").lower()
     for model_kind, other in (("depth", "canny"), ("canny", "depth")):
         if model_kind in name and kind == other:
-            raise InputError(f"--controlnet {controlnet_id} is a {model_kind} ControlNet but --control is {kind}; "
-                             f"use --control {model_kind}")
+            raise InputError(f"`controlnet` {controlnet_id} is a {model_kind} ControlNet but `control` is {kind}; "
+                             f"use `control` {model_kind}")

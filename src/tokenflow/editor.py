@@ -81,7 +81,7 @@ class TokenFlowEditor:
 
         Calls from several threads take turns on the model (one at a time)."""
         if inversion_steps < 1:
-            raise InputError(f"--inversion-steps {inversion_steps}: must be at least 1")
+            raise InputError(f"`inversion_steps` {inversion_steps}: must be at least 1")
         with self.model.lock:
             return invert_frames(
                 self.model,
@@ -147,7 +147,7 @@ class TokenFlowEditor:
         if missing:
             raise InputError(
                 f"the source latents lack timesteps {missing[:5]} of the {config.steps}-step schedule; "
-                "invert with the same --steps"
+                "invert with the same `steps`"
             )
         n_frames = source.clean.shape[0]
         conditioner = mode.conditioner(model, control, config.controlnet_scale, tuple(source.clean.shape))
@@ -156,7 +156,7 @@ class TokenFlowEditor:
             return EditOutput(source.clean.clone(), [], [], 0, time.perf_counter() - started)
         alphas = scheduler.alphas_cumprod
         top = source.noisiest
-        eps = implied_noise(source.noisy[top], source.clean, alphas[top])
+        eps = implied_noise(source.noisy[top][:], source.clean, alphas[top])
         x = noised(source.clean, eps, alphas[timesteps[0]])
         del eps  # one full-length array less for the rest of the edit
         # each step goes to the next timestep of the full schedule, the last one to the final alpha
@@ -316,8 +316,8 @@ def _check_keyframes(keyframes: list[int], n_frames: int, config: EditConfig) ->
         chunks = -(-n_frames // config.batch_size)
         if [k // config.batch_size for k in keyframes] != list(range(chunks)):
             raise InputError(
-                f"keyframes {keyframes}: --blending reference needs exactly one keyframe per chunk of "
-                f"--batch-size {config.batch_size} frames"
+                f"keyframes {keyframes}: `blending` reference needs exactly one keyframe per chunk of "
+                f"`batch_size` {config.batch_size} frames"
             )
 
 

@@ -64,11 +64,11 @@ class ExplicitKeyframes:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise InputError(f"--keyframes {path}: no such file; pass a JSON file with one list of frames per step")
+            raise InputError(f"`keyframes` {path}: no such file; pass a JSON file with one list of frames per step")
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InputError(f"--keyframes {path}: not valid JSON; expected one list of frame indices per step")
+            raise InputError(f"`keyframes` {path}: not valid JSON; expected one list of frame indices per step")
         if not isinstance(data, list) or not all(isinstance(s, list) and s for s in data):
-            raise InputError(f"--keyframes {path}: expected a JSON list with one non-empty list of frames per step")
+            raise InputError(f"`keyframes` {path}: expected a JSON list with one non-empty list of frames per step")
         return cls(data)
 
     def __call__(self, step: int, num_frames: int) -> list[int]:

@@ -45,7 +45,7 @@ class Mode:
     def conditioner(self, model: Backbone, control, scale: float, source_shape: tuple[int, ...]):
         """Extra conditioning for every UNet call (``None``: none); see :class:`ControlNetConditioner`."""
         if control is not None:
-            raise InputError(f"control images are only used with --mode controlnet (got --mode {self.name})")
+            raise InputError(f"control images are only used with `mode` controlnet (got `mode` {self.name})")
         return None
 
 
@@ -69,9 +69,9 @@ class ControlNetMode(Mode):
     def conditioner(self, model: Backbone, control, scale: float, source_shape: tuple[int, ...]):
         controlnet = getattr(model, "controlnet", None)
         if controlnet is None:
-            raise InputError("--mode controlnet needs a ControlNet: pass --controlnet ID_OR_PATH")
+            raise InputError("`mode` controlnet needs a ControlNet: pass `controlnet` ID_OR_PATH")
         if control is None:
-            raise InputError("--mode controlnet needs control images (--control canny|depth|FOLDER)")
+            raise InputError("`mode` controlnet needs control images (`control` canny|depth|FOLDER)")
         n, _, h, w = source_shape
         factor = model.vae_scale_factor
         size = tuple(control.shape[2:]) if isinstance(control, torch.Tensor) else tuple(control.shape[1:3])
@@ -119,5 +119,5 @@ MODES: dict[str, Mode] = {m.name: m for m in (PnPMode(), SDEditMode(), ControlNe
 
 def get_mode(name: str) -> Mode:
     if name not in MODES:
-        raise InputError(f"--mode {name!r}: unknown; use {', '.join(MODES)}")
+        raise InputError(f"`mode` {name!r}: unknown; use {', '.join(MODES)}")
     return MODES[name]

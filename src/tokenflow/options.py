@@ -6,6 +6,8 @@ validation lives in their ``check_inputs``. This module imports nothing heavy, s
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -52,6 +54,27 @@ def option(
 def flag_name(name: str) -> str:
     """The command-line flag of a field name."""
     return "--" + name.replace("_", "-")
+
+
+# Library errors name options by their field (``\`inversion_steps\` 0: must be at least 1``); each interface
+# renames them: the CLI to flags, the diffusers pipeline to its argument names, the web UI to its labels.
+_FIELD_REFERENCE = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def rename_fields(message: str, rename: Callable[[str], str]) -> str:
+    """``message`` with every option reference (a field name in backticks) replaced by ``rename(name)``."""
+    return _FIELD_REFERENCE.sub(lambda m: rename(m.group(1)), message)
+
+
+def flags_for_fields() -> dict[str, str]:
+    """Field name -> its long command-line flag, for the fields whose flag is not the default one."""
+    out = {}
+    for cls in (EditConfig, RunOptions):
+        for f in fields(cls):
+            spec = f.metadata.get("cli")
+            if spec and spec["flags"]:
+                out[f.name] = next(flag for flag in spec["flags"] if flag.startswith("--")).split("/")[0]
+    return out
 
 
 def cli_fields(cls, command: str) -> list[tuple[Field, dict]]:
@@ -133,33 +156,33 @@ class EditConfig:
     def check_inputs(self) -> None:
         """Raise :class:`InputError` naming the first bad value."""
         if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise InputError("--prompt is empty; describe the edit, e.g. --prompt 'a shiny silver robot'")
+            raise InputError("`prompt` is empty; describe the edit, e.g. `prompt` 'a shiny silver robot'")
         if self.steps < 1:
-            raise InputError(f"--steps {self.steps}: must be at least 1")
+            raise InputError(f"`steps` {self.steps}: must be at least 1")
         if self.batch_size < 1:
-            raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
-        for name, value in (("--pnp-attn-t", self.pnp_attn_t), ("--pnp-f-t", self.pnp_f_t)):
+            raise InputError(f"`batch_size` {self.batch_size}: must be at least 1")
+        for name, value in (("`pnp_attn_t`", self.pnp_attn_t), ("`pnp_f_t`", self.pnp_f_t)):
             if not 0.0 <= value <= 1.0:
                 raise InputError(f"{name} {value}: must be between 0 and 1 (a fraction of the steps)")
         if self.propagation not in PROPAGATION_MODES:
-            raise InputError(f"--propagation {self.propagation!r}: unknown; use tokenflow or none")
+            raise InputError(f"`propagation` {self.propagation!r}: unknown; use tokenflow or none")
         if self.blending not in BLENDING_MODES:
-            raise InputError(f"--blending {self.blending!r}: unknown; use linear or reference")
+            raise InputError(f"`blending` {self.blending!r}: unknown; use linear or reference")
         if self.guidance_scale < 0:
-            raise InputError(f"--guidance-scale {self.guidance_scale}: must not be negative")
+            raise InputError(f"`guidance_scale` {self.guidance_scale}: must not be negative")
         from .modes import get_mode
 
         get_mode(self.mode)  # names the known modes when unknown
         if self.strength is not None and not 0.0 <= self.strength <= 1.0:
-            raise InputError(f"--strength {self.strength}: must be between 0 and 1")
+            raise InputError(f"`strength` {self.strength}: must be between 0 and 1")
         window = self.keyframe_window
         if not (window in (None, "auto", "full") or (isinstance(window, int) and window >= 0)):
-            raise InputError(f"--keyframe-window {window!r}: use auto, full or a number of keyframes (>= 0)")
+            raise InputError(f"`keyframe_window` {window!r}: use auto, full or a number of keyframes (>= 0)")
         if self.anchors < 0:
-            raise InputError(f"--anchors {self.anchors}: must be 0 or more")
+            raise InputError(f"`anchors` {self.anchors}: must be 0 or more")
         chunk = self.keyframe_batch
         if not (chunk in (None, "auto", "all") or (isinstance(chunk, int) and chunk >= 1)):
-            raise InputError(f"--keyframe-batch {chunk!r}: use auto, all or a number of keyframes (>= 1)")
+            raise InputError(f"`keyframe_batch` {chunk!r}: use auto, all or a number of keyframes (>= 1)")
 
     def resolve_keyframe_window(self, num_frames: int, tokens_per_frame: int) -> int | None:
         """The window the keyframe pass uses: ``None`` is full joint attention (the paper's)."""
@@ -215,7 +238,9 @@ class RunOptions(EditConfig):
         None, type=Optional[Path], help="Inversion cache folder (default: the user cache dir).",
         commands=("edit", "invert"),
     )
-    save_latents: bool = option(False, flags=("--save-latents",), help="Also write latents.safetensors.")
+    save_latents: bool = option(
+        False, flags=("--save-latents",), help="Also write the latents (folder latents/: final, clean, t<T>)."
+    )
     evaluate: bool = option(
         False, flags=("--eval",), help="Measure the result (warp error, PSNR/SSIM) into run.json."
     )
@@ -248,31 +273,31 @@ class RunOptions(EditConfig):
         if editing:
             self.edit_config().check_inputs()
         if self.size is not None and self.size < 8 * MIN_LATENT_SIDE:
-            raise InputError(f"--size {self.size} is too small for Stable Diffusion; use --size 64 or more (512 is native)")
+            raise InputError(f"`size` {self.size} is too small for Stable Diffusion; use `size` 64 or more (512 is native)")
         if self.inversion_steps < 1:
-            raise InputError(f"--inversion-steps {self.inversion_steps}: must be at least 1")
+            raise InputError(f"`inversion_steps` {self.inversion_steps}: must be at least 1")
         if self.steps < 1:
-            raise InputError(f"--steps {self.steps}: must be at least 1")
+            raise InputError(f"`steps` {self.steps}: must be at least 1")
         if self.batch_size < 1:
-            raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
+            raise InputError(f"`batch_size` {self.batch_size}: must be at least 1")
         from .backbones import resolve_device, resolve_dtype
 
         device = resolve_device(self.device)
         resolve_dtype(self.dtype, device)
         if self.offload not in (None, "none", "model", "sequential"):
-            raise InputError(f"--offload {self.offload!r}: unknown; use model or sequential")
+            raise InputError(f"`offload` {self.offload!r}: unknown; use model or sequential")
         if editing and self.mode == "controlnet":
             from .control import check_control_fits
 
             if not self.controlnet:
-                raise InputError("--mode controlnet needs --controlnet ID_OR_PATH (e.g. a canny ControlNet)")
+                raise InputError("`mode` controlnet needs `controlnet` ID_OR_PATH (e.g. a canny ControlNet)")
             if self.control not in ("canny", "depth") and not Path(self.control).is_dir():
-                raise InputError(f"--control {self.control}: use canny, depth or a folder of precomputed maps")
+                raise InputError(f"`control` {self.control}: use canny, depth or a folder of precomputed maps")
             if self.control == "depth" and not self.depth_model:
-                raise InputError("--control depth needs --depth-model ID_OR_PATH (a transformers depth estimator)")
+                raise InputError("`control` depth needs `depth_model` ID_OR_PATH (a transformers depth estimator)")
             check_control_fits(self.controlnet, self.control)
         elif editing and self.controlnet:
-            raise InputError(f"--controlnet is only used with --mode controlnet (got --mode {self.mode})")
+            raise InputError(f"`controlnet` is only used with `mode` controlnet (got `mode` {self.mode})")
         if self.keyframes not in ("random", "fixed") and isinstance(self.keyframes, (str, Path)):
             if not Path(self.keyframes).is_file():
-                raise InputError(f"--keyframes {self.keyframes}: no such file; pass random, fixed or a JSON file")
+                raise InputError(f"`keyframes` {self.keyframes}: no such file; pass random, fixed or a JSON file")

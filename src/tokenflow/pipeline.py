@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithPro
 from . import io as video_io
 from .editor import DEFAULT_NEGATIVE_PROMPT, EditConfig, TokenFlowEditor
 from .errors import InputError
+from .options import rename_fields
 from .inversion import InversionCache, SourceLatents
 from .backbones import Backbone, backbone_for
 from .backbones.loading import _hub_revision
@@ -93,22 +93,18 @@ class TokenFlowPipelineOutput(BaseOutput):
 
 # -- argument names: the editor's messages name CLI flags; the pipelines name their own keyword arguments ------------
 
-_FLAG_TO_ARGUMENT = {
+_FIELD_TO_ARGUMENT = {
     "steps": "num_inference_steps",
-    "inversion-steps": "num_inversion_steps",
-    "controlnet-scale": "controlnet_conditioning_scale",
+    "inversion_steps": "num_inversion_steps",
+    "controlnet_scale": "controlnet_conditioning_scale",
     "control": "conditioning_frames",
 }
 
 
 def _argument_names(message: str) -> str:
-    """``--batch-size 0: ...`` -> ``` `batch_size` 0: ...```: CLI flag names as this pipeline's argument names."""
-
-    def name(match: re.Match) -> str:
-        flag = match.group(1)
-        return f"`{_FLAG_TO_ARGUMENT.get(flag, flag.replace('-', '_'))}`"
-
-    return re.sub(r"--([a-z][a-z0-9-]*)", name, message)
+    """```steps` 0: ...`` -> ```num_inference_steps` 0: ...``: the library's field names as this pipeline's
+    argument names."""
+    return rename_fields(message, lambda name: f"`{_FIELD_TO_ARGUMENT.get(name, name)}`")
 
 
 @contextlib.contextmanager

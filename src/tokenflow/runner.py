@@ -93,8 +93,8 @@ def _prepare(
     width, height = video_io.working_size(info.width, info.height, size, multiple=factor)
     if min(width, height) < model.min_side:
         raise InputError(
-            f"--size {size} is too small for {options.model}: the short side must be at least "
-            f"{model.min_side} px; use a larger --size"
+            f"`size` {size} is too small for {options.model}: the short side must be at least "
+            f"{model.min_side} px; use a larger `size`"
         )
     started = time.perf_counter()
     resized = (video_io.resize_frames(frame, width, height) for frame in frames_in)
@@ -186,7 +186,7 @@ def edit_video(
     call; a cancelled run raises :class:`~tokenflow.events.Cancelled` and leaves no output folder.
 
     Outputs: ``edited.mp4`` (source fps / stride, with the source's audio for the selected range),
-    ``source.mp4``, ``side_by_side.mp4``, ``preview.png``, ``run.json`` and optionally ``latents.safetensors``.
+    ``source.mp4``, ``side_by_side.mp4``, ``preview.png``, ``run.json`` and optionally ``latents/`` (a latents store: :mod:`tokenflow.inversion.storage`).
     Frames and control maps are staged on disk in the output's temporary folder and read a batch at a time, so
     host memory does not grow with the video's length.
     """
@@ -216,7 +216,7 @@ def edit_video(
                 options.control, frames, start=options.start, stride=options.stride, low=options.canny_low,
                 high=options.canny_high, depth_model=options.depth_model, batch_size=options.batch_size,
             )
-            control = FrameStore.write(work / "control.rgb", maps, source=f"--control {options.control}")
+            control = FrameStore.write(work / "control.rgb", maps, source=f"`control` {options.control}")
             stores.append(control)
             timings["control_maps"] = time.perf_counter() - started
         source, cache_hit = _invert(editor, frames, options, timings, progress, cancel)
@@ -230,7 +230,7 @@ def edit_video(
         if control is not None:
             _write_frames(staging / "control.mp4", control, fps, options.batch_size)
         if options.save_latents:
-            _save_latents(staging / "latents.safetensors", result, source)
+            _save_latents(staging / "latents", result, source, options.batch_size)
         report = _run_report(options, editor, info, frames, fps, source, cache_hit, result, timings)
         for store in stores:
             store.close()
@@ -298,13 +298,15 @@ def _write_outputs(
     sheet.save(staging / "preview.png")
 
 
-def _save_latents(path: Path, result: EditOutput, source: SourceLatents) -> None:
-    from .inversion import write_safetensors
+def _save_latents(path: Path, result: EditOutput, source: SourceLatents, batch_size: int) -> None:
+    from .inversion import write_latents
+    from .inversion.storage import timestep_name
 
-    # streamed: lazy source latents go from the inversion cache to this file a chunk at a time
+    # streamed: lazy source latents go from the inversion cache to the shards a batch at a time; the cache's format
     tensors = {"final": result.latents, "clean": source.clean}
-    tensors.update({f"source_t{t}": v for t, v in sorted(source.noisy.items())})
-    write_safetensors(path, tensors)
+    tensors.update({timestep_name(t): v for t, v in sorted(source.noisy.items())})
+    write_latents(path, tensors, info=dict(source.info, reconstruction_psnr=source.reconstruction_psnr),
+                  frames_per_shard=batch_size)
 
 
 def _run_report(options, editor, info, frames, fps, source, cache_hit, result: EditOutput, timings) -> dict:

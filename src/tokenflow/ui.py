@@ -33,6 +33,7 @@ from . import io as video_io
 from .errors import InputError, TokenFlowError
 from .events import Cancelled, ProgressEvent
 from .models import DEFAULT_MODEL
+from .options import rename_fields
 
 logger = logging.getLogger(__name__)
 
@@ -53,39 +54,39 @@ STAGE_LABELS = {
     "decoding": "Decoding and writing",
 }
 
-# Command-line flags in messages from the runner, as the page's labels.
+# Option names (fields) in messages from the library, as the page's labels.
 FIELD_LABELS = {
-    "--prompt": "Prompt",
-    "--negative-prompt": "Negative prompt",
-    "--inversion-prompt": "Inversion prompt",
-    "--mode": "Mode",
-    "--steps": "Steps",
-    "--inversion-steps": "Inversion steps",
-    "--guidance-scale": "Guidance scale",
-    "--batch-size": "Batch size",
-    "--size": "Size",
-    "--propagation": "Propagation",
-    "--strength": "Strength",
-    "--seed": "Seed",
-    "--start": "Start frame",
-    "--stride": "Stride",
-    "--max-frames": "Max frames",
-    "--pnp-attn-t": "PnP attention fraction",
-    "--pnp-f-t": "PnP feature fraction",
-    "--blending": "Blending",
-    "--keyframes": "Keyframes",
-    "--keyframe-window": "Keyframe window",
-    "--keyframe-batch": "Keyframe batch",
-    "--anchors": "Anchors",
-    "--controlnet": "ControlNet",
-    "--control": "Control maps",
-    "--canny-low": "Canny low",
-    "--canny-high": "Canny high",
-    "--depth-model": "Depth model",
-    "--controlnet-scale": "ControlNet scale",
-    "--model": "Model",
-    "--device": "Device",
-    "--dtype": "Dtype",
+    "prompt": "Prompt",
+    "negative_prompt": "Negative prompt",
+    "inversion_prompt": "Inversion prompt",
+    "mode": "Mode",
+    "steps": "Steps",
+    "inversion_steps": "Inversion steps",
+    "guidance_scale": "Guidance scale",
+    "batch_size": "Batch size",
+    "size": "Size",
+    "propagation": "Propagation",
+    "strength": "Strength",
+    "seed": "Seed",
+    "start": "Start frame",
+    "stride": "Stride",
+    "max_frames": "Max frames",
+    "pnp_attn_t": "PnP attention fraction",
+    "pnp_f_t": "PnP feature fraction",
+    "blending": "Blending",
+    "keyframes": "Keyframes",
+    "keyframe_window": "Keyframe window",
+    "keyframe_batch": "Keyframe batch",
+    "anchors": "Anchors",
+    "controlnet": "ControlNet",
+    "control": "Control maps",
+    "canny_low": "Canny low",
+    "canny_high": "Canny high",
+    "depth_model": "Depth model",
+    "controlnet_scale": "ControlNet scale",
+    "model": "Model",
+    "device": "Device",
+    "dtype": "Dtype",
 }
 
 
@@ -103,7 +104,7 @@ def plain_message(exc: BaseException, paths: dict[str, str] | None = None) -> st
     text = " ".join(str(exc).split()) or type(exc).__name__
     for long, short in sorted((paths or {}).items(), key=lambda kv: -len(kv[0])):
         text = text.replace(long, short)
-    return re.sub(r"--[a-z][a-z0-9-]*", lambda m: FIELD_LABELS.get(m.group(0), m.group(0)), text)
+    return rename_fields(text, lambda name: FIELD_LABELS.get(name, name))
 
 
 def _unset(value, kind=float):

@@ -40,11 +40,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise InputError(f"--device {device!r}: unknown device; use auto, cpu, cuda or mps")
+        raise InputError(f"`device` {device!r}: unknown device; use auto, cpu, cuda or mps")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+        raise InputError(f"`device` {device}: CUDA is not available on this machine; use `device` cpu or auto")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("--device mps: MPS is not available on this machine; use --device cpu or auto")
+        raise InputError("`device` mps: MPS is not available on this machine; use `device` cpu or auto")
     return torch.device(device)
 
 
@@ -58,7 +58,7 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
     if dtype == "auto":
         return torch.float16 if device is not None and device.type == "cuda" else torch.float32
     if dtype not in _DTYPES:
-        raise InputError(f"--dtype {dtype!r}: unknown dtype; use auto, float32, float16 or bfloat16")
+        raise InputError(f"`dtype` {dtype!r}: unknown dtype; use auto, float32, float16 or bfloat16")
     return _DTYPES[dtype]
 
 
@@ -131,12 +131,12 @@ def _load_pipeline(model: str, path: Path, revision, local_files_only: bool, kwa
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         if path.is_file():
             if path.suffix not in SINGLE_FILE_SUFFIXES:
-                raise ModelLoadError(f"--model {model}: not a model file; pass a .safetensors/.ckpt file or a folder")
+                raise ModelLoadError(f"`model` {model}: not a model file; pass a .safetensors/.ckpt file or a folder")
             return cls.from_single_file(str(path), **kwargs)
         if path.is_dir():
             if not (path / "model_index.json").exists():
                 raise ModelLoadError(
-                    f"--model {model}: not a diffusers folder (no model_index.json); pass a Stable Diffusion folder"
+                    f"`model` {model}: not a diffusers folder (no model_index.json); pass a Stable Diffusion folder"
                 )
             return cls.from_pretrained(str(path), **kwargs)
         return cls.from_pretrained(model, revision=revision, local_files_only=local_files_only, **kwargs)
@@ -163,23 +163,23 @@ def load_model(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if offload not in (None, "none", "model", "sequential"):
-        raise InputError(f"--offload {offload!r}: unknown; use model or sequential")
+        raise InputError(f"`offload` {offload!r}: unknown; use model or sequential")
     model = str(model)
     path = Path(model).expanduser()
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.endswith(SINGLE_FILE_SUFFIXES)
     if looks_local and not path.exists():
-        raise ModelLoadError(f"--model {model}: no such file or folder; check the path, or pass a hub id")
+        raise ModelLoadError(f"`model` {model}: no such file or folder; check the path, or pass a hub id")
     kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
         pipe = _load_pipeline(model, path, revision, bool(local_files_only), kwargs)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"
-        raise ModelLoadError(f"--model {model}: {_explain_load_error(exc)}") from exc
+        raise ModelLoadError(f"`model` {model}: {_explain_load_error(exc)}") from exc
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise ModelLoadError(
-            f"--model {model}: its scheduler predicts {prediction!r}; DDIM inversion here supports epsilon and "
+            f"`model` {model}: its scheduler predicts {prediction!r}; DDIM inversion here supports epsilon and "
             "v_prediction models (set prediction_type in scheduler/scheduler_config.json if it is mislabelled)"
         )
     loras = list(loras or [])
@@ -256,7 +256,7 @@ def _apply_loras(pipe, loras: list[tuple[str, float]]) -> None:
         except Exception as exc:  # noqa: BLE001 - missing file, hub error, wrong format
             reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise ModelLoadError(
-                f"--lora {source}: could not be loaded onto this model ({reason}); check the path or id and that "
+                f"`lora` {source}: could not be loaded onto this model ({reason}); check the path or id and that "
                 "the LoRA was trained for this base model"
             ) from exc
         names.append(name)
@@ -269,7 +269,7 @@ def _load_controlnet(source: str, unet, dtype: torch.dtype):
 
     path = Path(source).expanduser()
     if (source.startswith((".", "/", "~")) or source.endswith(SINGLE_FILE_SUFFIXES)) and not path.exists():
-        raise ModelLoadError(f"--controlnet {source}: no such file or folder; check the path, or pass a hub id")
+        raise ModelLoadError(f"`controlnet` {source}: no such file or folder; check the path, or pass a hub id")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
@@ -280,7 +280,7 @@ def _load_controlnet(source: str, unet, dtype: torch.dtype):
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise ModelLoadError(
-            f"--controlnet {source}: could not be loaded ({reason}); check the id or path, or pass a local folder"
+            f"`controlnet` {source}: could not be loaded ({reason}); check the id or path, or pass a local folder"
         ) from exc
     mine, theirs = controlnet.config, unet.config
     for key in ("cross_attention_dim", "block_out_channels", "in_channels"):
@@ -289,7 +289,7 @@ def _load_controlnet(source: str, unet, dtype: torch.dtype):
             b if isinstance(b, (list, tuple)) else [b]
         ):
             raise ModelLoadError(
-                f"--controlnet {source} was made for another base model ({key} {a} vs the model's {b}); "
+                f"`controlnet` {source} was made for another base model ({key} {a} vs the model's {b}); "
                 "pick a ControlNet trained for this base (e.g. an SD 1.5 ControlNet for an SD 1.5 model)"
             )
     return controlnet

@@ -3,11 +3,11 @@
 The source latents x_t^src it produces depend only on (frames, size, model, inversion prompt, steps, dtype), so
 they are cached under a hash of those: a second edit of the same video with a new prompt costs no inversion.
 
-Long videos: through a cache, the inversion streams. Each batch of frames is encoded, inverted and written into a
-preallocated safetensors file (``<key>.partial``) at its place in every saved timestep's tensor, and recorded as
-done in ``<key>.progress.json``; host memory holds one batch, not frames x timesteps. An interrupted inversion
-resumes from its last finished batch. The finished entry is opened lazily (:class:`LazyLatents`): the editor's
-``source.noisy[t][frames]`` reads just those frames from disk.
+Long videos: through a cache, the inversion streams. Each batch of frames is encoded, inverted and written as one
+safetensors shard (clean latents and every saved timestep's) into ``<key>.partial/``; host memory holds one
+batch, not frames x timesteps. An interrupted inversion resumes from its last finished batch (or checkpoint). The
+finished entry is a checksummed latents store (:mod:`.storage`, the format ``--save-latents`` writes too), opened
+lazily: the editor's ``source.noisy[t][frames]`` reads just those frames from disk.
 """
 
 
@@ -24,14 +24,16 @@ from .ddim import (
 )
 from .invert import invert_frames
 from .source import SourceLatents
-from .storage import LazyLatents, SafetensorsWriter, write_safetensors
+from .storage import CorruptLatents, LatentColumn, LatentStore, load_latents, write_latents
 
 __all__ = [
     "SourceLatents",
-    "LazyLatents",
+    "LatentColumn",
+    "LatentStore",
+    "CorruptLatents",
     "InversionCache",
-    "SafetensorsWriter",
-    "write_safetensors",
+    "write_latents",
+    "load_latents",
     "inversion_grid",
     "ddim_invert",
     "ddim_reconstruct",

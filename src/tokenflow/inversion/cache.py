@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,8 @@ from ..backbones import Backbone, TextConditioning
 from .check import _log_psnr, _psnr_from_error, _reconstruction_error
 from .ddim import _invert_batch, _inversion_bar
 from .source import SourceLatents
-from .storage import SafetensorsWriter, lazy_tensors, write_safetensors
+from .storage import (INDEX, CorruptLatents, LatentStore, Shard, finish_store, parse_shard_name, replace_folder,
+                      shard_name, timestep_name, write_latents, write_shard)
 
 logger = logging.getLogger("tokenflow.inversion")
 
@@ -59,13 +61,16 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 class InversionCache:
-    """Inverted latents on disk as safetensors, keyed by a content hash.
+    """Inverted latents on disk, keyed by a content hash: one latents store (:mod:`.storage`) per entry.
 
-    Finished entries (``<key>.safetensors``) appear atomically (rename) and load lazily. An inversion in progress
-    lives in ``<key>.partial`` + ``<key>.progress.json`` and resumes from its last checkpoint: the end of a batch
-    of frames, or, inside a batch, the last saved timestep once ``checkpoint_seconds`` have passed since the
-    previous checkpoint (so an interruption loses at most that much work). A lock file (``<key>.lock``) keeps two
-    processes from working on the same key at once.
+    A finished entry is the folder ``<key>/`` (an index and safetensors shards, checksummed); it appears at once
+    (a rename) and loads lazily. An inversion in progress lives in ``<key>.partial/``: each finished batch of frames
+    is one shard there, so a rerun after an interruption skips it; inside a batch, the latents so far are saved as
+    a checkpoint shard once ``checkpoint_seconds`` have passed since the previous one (an interruption loses at most
+    that much work). A lock file (``<key>.lock``) keeps two processes from working on the same key at once.
+
+    Entries of tokenflow < 0.3 (one ``<key>.safetensors`` file) are read as they are; their unfinished inversions
+    (``<key>.partial`` files) are discarded with one log line.
     """
 
     checkpoint_seconds: float = 30.0
@@ -78,9 +83,10 @@ class InversionCache:
         self.root = Path(root)
 
     @staticmethod
-    def key(frames, model: Backbone, prompt: str, grid: list[int], save: list[int]) -> str:
+    def key(frames, model: Backbone, prompt: str, grid: list[int], save: list[int], refinements: int = 0) -> str:
         """``frames``: a uint8 ``[N,H,W,3]`` tensor or a :class:`~tokenflow.io.FrameStore` (whose hash
-        of the same bytes was taken as it was written: the same key either way)."""
+        of the same bytes was taken as it was written: the same key either way). ``refinements``: the fixed-point
+        scheme's iterations (plain DDIM, 0, keeps the keys of earlier releases)."""
         if hasattr(frames, "sha256"):
             digest = frames.sha256()
         else:
@@ -100,6 +106,7 @@ class InversionCache:
                     grid=grid,
                     save=save,
                     version=1,
+                    **({"refinements": refinements} if refinements else {}),
                 ),
                 sort_keys=True,
                 default=str,
@@ -108,41 +115,56 @@ class InversionCache:
         return digest.hexdigest()[:32]
 
     def path(self, key: str) -> Path:
-        return self.root / f"{key}.safetensors"
+        """The finished entry's folder."""
+        return self.root / key
 
     def partial_path(self, key: str) -> Path:
+        """The folder of an inversion in progress."""
         return self.root / f"{key}.partial"
 
-    def progress_path(self, key: str) -> Path:
-        return self.root / f"{key}.progress.json"
+    def _legacy_path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def location(self, key: str) -> Path:
+        """Where the finished entry for ``key`` is: its folder, or the single file an older release wrote."""
+        legacy = self._legacy_path(key)
+        return legacy if legacy.exists() and not self.path(key).is_dir() else self.path(key)
+
+    def entries(self) -> list[Path]:
+        """The finished entries (folders, and single files of older releases), sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir()
+                      if (p.is_dir() and (p / INDEX).exists()) or (p.is_file() and p.suffix == ".safetensors"))
 
     def load(self, key: str) -> SourceLatents | None:
-        """The finished entry, its noisy latents as :class:`LazyLatents` (read on demand); None when absent or
-        unreadable."""
-        path = self.path(key)
+        """The finished entry, its noisy latents read on demand; None when absent. A damaged entry (checksums,
+        sizes, tensors) is reported once, removed and None returned, so it is recomputed."""
+        path = self.location(key)
         if not path.exists():
             return None
         try:
-            tensors, meta = lazy_tensors(path, lambda k: k == "clean" or k.startswith("t"))
-            clean = tensors.pop("clean").load()
-            noisy = {int(k[1:]): v for k, v in tensors.items()}
-            info = json.loads(meta.get("info", "{}"))
-            source = SourceLatents(clean=clean, noisy=noisy, reconstruction_psnr=info.get("reconstruction_psnr"),
-                                   info=info)
-        except Exception as exc:  # noqa: BLE001 - a damaged cache entry is recomputed, never fatal
-            logger.warning("ignoring unreadable inversion cache entry %s (%s)", path, exc)
+            store = LatentStore.open(path)
+            store.verify()
+            noisy = store.timesteps()
+            if "clean" not in store.columns or not noisy:
+                raise CorruptLatents("no inverted latents in it")
+            info = store.info
+            return SourceLatents(clean=store.columns["clean"].load(), noisy=noisy,
+                                 reconstruction_psnr=info.get("reconstruction_psnr"), info=info)
+        except (CorruptLatents, OSError) as exc:  # a damaged cache entry is recomputed, never fatal
+            logger.warning("inversion cache entry %s is damaged and is recomputed (%s)", path, exc)
+            _remove(path)
             return None
-        if not noisy:
-            logger.warning("ignoring inversion cache entry %s without inverted latents", path)
-            return None
-        return source
 
     def store(self, key: str, source: SourceLatents) -> Path:
         """Write ``source`` (in memory or lazy) as the entry for ``key``, streaming, atomically."""
         tensors = {"clean": source.clean}
-        tensors.update({f"t{t}": v for t, v in sorted(source.noisy.items())})
+        tensors.update({timestep_name(t): v for t, v in sorted(source.noisy.items())})
         info = dict(source.info, reconstruction_psnr=source.reconstruction_psnr)
-        return write_safetensors(self.path(key), tensors, metadata={"info": json.dumps(info, default=str)})
+        path = write_latents(self.path(key), tensors, info)
+        self._legacy_path(key).unlink(missing_ok=True)
+        return path
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
@@ -168,128 +190,205 @@ class InversionCache:
         info: dict | None = None,
         progress: bool | ProgressCallback | None = True,
         cancel: CancelToken | None = None,
+        refinements: int = 0,
     ) -> SourceLatents:
         """Encode, invert and (optionally) reconstruct ``frames`` into the entry for ``key``, resumably.
 
-        A batch's clean latents and its latents at every saved timestep go straight to ``<key>.partial``; when the
-        batch is done the file is synced and the batch recorded in ``<key>.progress.json``, so a rerun after an
-        interruption (any exception, a kill, a crash) skips it; inside a batch, a saved timestep is recorded the
-        same way every ``checkpoint_seconds``, and a rerun continues the batch's inversion from there. Batches are
-        those of an uninterrupted run and DDIM inversion is a deterministic chain, so the result is the same, bit
-        for bit. Returns :meth:`load` of the finished entry.
+        Each batch's clean latents and its latents at every saved timestep become one shard of
+        ``<key>.partial/`` when the batch is done, so a rerun after an interruption (any exception, a kill, a crash)
+        skips it; inside a batch, the latents so far are saved as the batch's checkpoint every
+        ``checkpoint_seconds``, and a rerun continues the batch's inversion from there. Batches are those of an
+        uninterrupted run and DDIM inversion is a deterministic chain, so the result is the same, bit for bit.
+        Returns :meth:`load` of the finished entry.
         """
         n = frames.shape[0]
-        partial, progress_file = self.partial_path(key), self.progress_path(key)
-        state = self._read_progress(progress_file)
-        writer, latent_shape = self._writer(key, model, frames, save, info or {}, state)
-        if state is None or not writer.matches():
-            if partial.exists() or progress_file.exists():
-                logger.info("inversion: restarting %s (its partial file does not match)", partial)
-            state = {"latent_shape": latent_shape, "inverted": [], "reconstructed": []}
-            writer.create()
-            self._write_progress(progress_file, state)
-        else:
-            done = sum(z - a for a, z in state["inverted"])
-            logger.info("inversion: resuming %s, %d of %d frames already inverted", partial, done, n)
-        try:
-            writer.open()
-            todo = _todo(n, batch_size, state["inverted"])
-            done_frames = n - sum(z - a for a, z in todo)
-            initial = done_frames * len(grid)
-            if state.get("current") is not None:
-                a, z, t = state["current"]
-                initial += (z - a) * (grid.index(t) + 1)
-            progress = as_progress(progress)
-            bar = _inversion_bar(n, len(grid), initial, progress, cancel)
-            for a, z in todo:
-                resume = None
-                current = state.get("current")
-                if current is not None and current[:2] == [a, z]:
-                    # interrupted inside this batch: continue from its last checkpointed timestep
-                    writer.sync()
-                    tensors, _ = lazy_tensors(writer.path, lambda k: k == "clean" or k == f"t{current[2]}")
-                    clean = tensors["clean"][a:z]
-                    resume = (current[2], tensors[f"t{current[2]}"][a:z])
-                    logger.info("inversion: resuming frames %d-%d from timestep %d", a, z - 1, current[2])
-                else:
-                    clean = model.encode_frames(frames[a:z], batch_size)
-                    writer.write("clean", a, clean)
-                last = [time.monotonic()]
+        partial = self._open_partial(key, model, frames, save)
+        done = [list(span) for span in partial.done]
+        if done:
+            logger.info("inversion: resuming %s, %d of %d frames already inverted", partial.folder,
+                        sum(z - a for a, z in done), n)
+        todo = _todo(n, batch_size, done)
+        initial = (n - sum(z - a for a, z in todo)) * len(grid)
+        checkpoint = partial.checkpoint
+        if checkpoint is not None and checkpoint[:2] in [list(span) for span in todo]:
+            initial += (checkpoint[1] - checkpoint[0]) * (grid.index(checkpoint[2]) + 1)
+        progress = as_progress(progress)
+        bar = _inversion_bar(n, len(grid), initial, progress, cancel)
+        for a, z in todo:
+            kept: dict[str, torch.Tensor] = {}
+            resume = None
+            if checkpoint is not None and checkpoint[:2] == [a, z]:
+                # interrupted inside this batch: continue from its last checkpointed timestep
+                kept = partial.read_checkpoint()
+                t = checkpoint[2]
+                resume = (t, kept[timestep_name(t)])
+                logger.info("inversion: resuming frames %d-%d from timestep %d", a, z - 1, t)
+            else:
+                kept["clean"] = model.encode_frames(frames[a:z], batch_size)
+            last = [time.monotonic()]
 
-                def on_saved(t: int, x: torch.Tensor, a=a, z=z, last=last) -> None:
-                    writer.write(f"t{t}", a, x)
-                    if time.monotonic() - last[0] >= self.checkpoint_seconds:
-                        writer.sync()
-                        state["current"] = [a, z, t]
-                        self._write_progress(progress_file, state)
-                        last[0] = time.monotonic()
+            def on_saved(t: int, x: torch.Tensor, a=a, z=z, kept=kept, last=last) -> None:
+                kept[timestep_name(t)] = x
+                if time.monotonic() - last[0] >= self.checkpoint_seconds and t != save[-1]:
+                    partial.write_checkpoint(a, z, t, kept)
+                    last[0] = time.monotonic()
 
-                _invert_batch(model, clean, cond, grid, save, on_saved, bar.update, resume=resume)
-                writer.sync()
-                state["inverted"].append([a, z])
-                state.pop("current", None)
-                self._write_progress(progress_file, state)
-            psnr_value = None
-            if reconstruct:
-                psnr_value = self._reconstruct(writer, model, cond, batch_size, state, progress_file, progress,
-                                               cancel)
-            writer.set_metadata({"info": json.dumps(dict(info or {}, reconstruction_psnr=psnr_value), default=str)})
-            writer.sync()
-        finally:
-            writer.close()
-        os.replace(partial, self.path(key))
-        progress_file.unlink(missing_ok=True)
+            _invert_batch(model, kept["clean"], cond, grid, save, on_saved, bar.update, resume=resume,
+                          refinements=refinements)
+            partial.write_batch(a, z, kept)
+        psnr_value = None
+        if reconstruct:
+            psnr_value = self._reconstruct(partial, model, cond, batch_size, progress, cancel)
+        path = partial.finish(self.path(key), dict(info or {}, reconstruction_psnr=psnr_value))
+        self._legacy_path(key).unlink(missing_ok=True)
         source = self.load(key)
         if source is None:
-            raise RuntimeError(f"{self.path(key)}: the inversion just written cannot be read back")
+            raise RuntimeError(f"{path}: the inversion just written cannot be read back")
         return source
 
-    def _writer(self, key, model, frames, save, info, state) -> tuple[SafetensorsWriter, list[int]]:
-        """The partial file's writer; its latent shape comes from the progress file, else from encoding a frame."""
-        shape = state.get("latent_shape") if state is not None else None
-        if shape is None:
-            shape = list(model.encode_frames(frames[:1]).shape[1:])
-        layout = {"clean": ((frames.shape[0], *shape), torch.float32)}
-        layout.update({f"t{t}": ((frames.shape[0], *shape), torch.float32) for t in save})
-        metadata = {"info": json.dumps(dict(info, reconstruction_psnr=None), default=str)}
-        return SafetensorsWriter(self.partial_path(key), layout, metadata, reserve=1024), shape
+    def _open_partial(self, key, model, frames, save) -> "_PartialEntry":
+        folder = self.partial_path(key)
+        if folder.is_file():  # an unfinished inversion of tokenflow < 0.3: another layout
+            logger.info("inversion: discarding %s, an unfinished inversion of an older tokenflow", folder)
+            folder.unlink()
+            (self.root / f"{key}.progress.json").unlink(missing_ok=True)
+        return _PartialEntry(folder, model, frames, save)
 
-    def _reconstruct(self, writer, model, cond, batch_size, state, progress_file, progress, cancel) -> float:
-        n = writer.layout["clean"][0][0]
+    def _reconstruct(self, partial: "_PartialEntry", model, cond, batch_size, progress, cancel) -> float:
+        n = partial.frames
+        done = partial.reconstructed
+        todo = _todo(n, batch_size, done)
         source = None
-        todo = _todo(n, batch_size, state["reconstructed"])
         if todo:
-            writer.sync()
-            tensors, _ = lazy_tensors(writer.path, lambda k: True)
-            noisy = {int(k[1:]): v for k, v in tensors.items() if k.startswith("t")}
-            source = SourceLatents(clean=tensors["clean"], noisy=noisy)  # lazy: one batch at a time
+            store = partial.store()
+            source = SourceLatents(clean=store.columns["clean"], noisy=store.timesteps())  # lazy: a batch at a time
         bar = Tracker("reconstruction", n, progress, cancel, initial=n - sum(z - a for a, z in todo))
         for a, z in todo:
             error, count = _reconstruction_error(model, source, cond, a, z)
-            state["reconstructed"].append([a, z, error, count])
-            self._write_progress(progress_file, state)
+            done.append([a, z, error, count])
+            partial.record_reconstruction(done)
             bar.update(z - a)
-        error = sum(entry[2] for entry in state["reconstructed"])
-        count = sum(entry[3] for entry in state["reconstructed"])
-        value = _psnr_from_error(error, count)
+        value = _psnr_from_error(sum(e[2] for e in done), sum(e[3] for e in done))
         _log_psnr(value)
         return value
 
-    @staticmethod
-    def _read_progress(path: Path) -> dict | None:
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(state, dict) or not {"inverted", "reconstructed"} <= set(state):
-            return None
-        return state
 
-    @staticmethod
-    def _write_progress(path: Path, state: dict) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, path)
+class _PartialEntry:
+    """``<key>.partial/``: the finished batches' shards, at most one checkpoint of a batch in progress
+    (``checkpoint.safetensors``: its latents so far) and the reconstruction's per-batch errors
+    (``reconstruction.json``). Shards that do not fit the run (other latent shapes or timesteps) are discarded
+    on opening."""
+
+    CHECKPOINT = "checkpoint.safetensors"
+    RECONSTRUCTION = "reconstruction.json"
+
+    def __init__(self, folder: Path, model: Backbone, frames, save: list[int]):
+        self.folder = folder
+        self.frames = frames.shape[0]
+        self.names = {"clean", *(timestep_name(t) for t in save)}
+        self.done: list[tuple[int, int]] = []
+        self.checkpoint: list[int] | None = None
+        self.reconstructed: list[list] = []
+        self._shape = None
+        if folder.is_dir():
+            self._scan()
+        if not self.done and self.checkpoint is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            self.reconstructed = []
+        folder.mkdir(parents=True, exist_ok=True)
+        if self._shape is None:
+            self._shape = tuple(model.encode_frames(frames[:1]).shape[1:])
+
+    def _fits(self, path: Path, span: tuple[int, int] | None, complete: bool) -> LatentStore | None:
+        """The shard at ``path`` (frames ``span``; a checkpoint: None) when it belongs to this inversion."""
+        try:
+            store = LatentStore.from_shards([Shard(path, 0, -1)])  # on its own: its rows from 0
+        except CorruptLatents as exc:
+            logger.info("inversion: discarding %s (%s)", path, exc)
+            return None
+        names = set(store.columns)
+        shapes = {tuple(c.shape[1:]) for c in store.columns.values()}
+        ok = (
+            "clean" in names
+            and names <= self.names
+            and (names == self.names or not complete)
+            and len(shapes) == 1
+            and (self._shape is None or shapes == {self._shape})
+            and (span is None or (store.frames == span[1] - span[0] and span[1] <= self.frames))
+        )
+        if not ok:
+            logger.info("inversion: discarding %s (it does not fit this inversion)", path)
+            return None
+        self._shape = shapes.pop()
+        return store
+
+    def _scan(self) -> None:
+        for path in sorted(self.folder.iterdir()):
+            span = parse_shard_name(path.name)
+            if span is None:
+                continue
+            if self._fits(path, span, complete=True) is None or _overlaps(span, self.done):
+                path.unlink()
+                continue
+            self.done.append(span)
+        checkpoint = self.folder / self.CHECKPOINT
+        if checkpoint.exists():
+            store = self._fits(checkpoint, None, complete=False)
+            try:
+                a, z, t = (int(v) for v in store.info["checkpoint"])
+                if store.frames != z - a or z > self.frames or timestep_name(t) not in store.columns \
+                        or _overlaps((a, z), self.done):
+                    raise ValueError("it does not fit this inversion")
+                self.checkpoint = [a, z, t]
+            except (AttributeError, ValueError, KeyError, TypeError) as exc:
+                if store is not None:
+                    logger.info("inversion: discarding %s (%s)", checkpoint, exc)
+                checkpoint.unlink(missing_ok=True)
+        try:
+            self.reconstructed = json.loads((self.folder / self.RECONSTRUCTION).read_text())
+        except (OSError, ValueError):
+            self.reconstructed = []
+
+    def write_checkpoint(self, a: int, z: int, t: int, kept: dict[str, torch.Tensor]) -> None:
+        write_shard(self.folder, a, z, kept, info={"checkpoint": [a, z, t]}, name=self.CHECKPOINT)
+        self.checkpoint = [a, z, t]
+
+    def read_checkpoint(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.folder / self.CHECKPOINT))
+
+    def write_batch(self, a: int, z: int, kept: dict[str, torch.Tensor]) -> None:
+        write_shard(self.folder, a, z, kept)
+        (self.folder / self.CHECKPOINT).unlink(missing_ok=True)
+        self.checkpoint = None
+        self.done.append((a, z))
+
+    def store(self) -> LatentStore:
+        return LatentStore.from_shards([Shard(self.folder / shard_name(a, z), a, z) for a, z in self.done])
+
+    def record_reconstruction(self, done: list[list]) -> None:
+        tmp = self.folder / f".{self.RECONSTRUCTION}.tmp"
+        tmp.write_text(json.dumps(done))
+        os.replace(tmp, self.folder / self.RECONSTRUCTION)
+
+    def finish(self, path: Path, info: dict) -> Path:
+        """Index the shards and move the folder to ``path``: the finished entry."""
+        (self.folder / self.RECONSTRUCTION).unlink(missing_ok=True)
+        finish_store(self.folder, info)
+        replace_folder(self.folder, path)
+        return path
+
+
+def _overlaps(span: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
+    return any(a < span[1] and span[0] < z for a, z in spans)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _model_fingerprint(model_id: str) -> str:

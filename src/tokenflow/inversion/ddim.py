@@ -10,7 +10,7 @@ import torch
 from ..errors import InputError
 from ..events import CancelToken, ProgressCallback, Tracker, as_progress
 from ..backbones import Backbone, TextConditioning
-from .storage import LazyLatents
+from .storage import LatentColumn
 
 __all__ = ["inversion_grid", "ddim_invert", "ddim_reconstruct", "predicted_noise", "ddim_transition", "noised",
            "implied_noise", "PREDICTION_TYPES"]
@@ -30,12 +30,12 @@ def inversion_grid(model: Backbone, steps: int, inversion_steps: int) -> tuple[l
     Saved: every editing timestep and the noisiest one.
     """
     train = model.make_scheduler().config.num_train_timesteps
-    for flag, value in (("--steps", steps), ("--inversion-steps", inversion_steps)):
+    for flag, value in (("`steps`", steps), ("`inversion_steps`", inversion_steps)):
         if not 1 <= value <= train:  # diffusers would raise its own ValueError deep inside
             raise InputError(f"{flag} {value}: must be between 1 and {train} (the model's training timesteps)")
     edit = set(_timesteps(model, steps))
     inverted = set(_timesteps(model, inversion_steps))
-    for flag, value, ts in (("--steps", steps, edit), ("--inversion-steps", inversion_steps, inverted)):
+    for flag, value, ts in (("`steps`", steps, edit), ("`inversion_steps`", inversion_steps, inverted)):
         if max(ts) >= train:  # e.g. 1000 "leading" steps with steps_offset 1 reach timestep 1000
             raise InputError(f"{flag} {value}: the model's schedule then reaches timestep {max(ts)}, past its last "
                              f"({train - 1}); use fewer steps")
@@ -85,10 +85,17 @@ def _invert_batch(
     on_saved: Callable[[int, torch.Tensor], None],
     on_step: Callable[[int], None] | None = None,
     resume: tuple[int, torch.Tensor] | None = None,
+    refinements: int = 0,
 ) -> None:
     """DDIM-invert one batch of latents along ``grid``; ``on_saved(t, x)`` receives each saved timestep's latents
     (CPU, float32) as soon as they exist. ``resume=(t, x_t)``: continue from the latents at grid timestep ``t``
-    (a deterministic chain: the same numbers as an uninterrupted run)."""
+    (a deterministic chain: the same numbers as an uninterrupted run).
+
+    ``refinements``: fixed-point iterations per step (0: plain DDIM inversion, the reference's). Plain inversion
+    predicts the noise at the *previous* latents, an approximation; the DDIM sampling step it should undo uses the
+    noise predicted at the new ones, so ``x_t`` solves ``x_t = T(x_prev, eps(x_t, t))``. Each iteration evaluates
+    ``eps`` at the current estimate and redoes the step (AIDI, Pan et al., ICCV 2023; ReNoise, Garibi et al., ECCV
+    2024): one UNet call more per step, and the sampler then retraces the inverted path closely."""
     scheduler = model.make_scheduler()
     alphas = scheduler.alphas_cumprod
     saved = set(save)
@@ -100,7 +107,11 @@ def _invert_batch(
         a_t = alphas[t].to(model.device)
         a_prev = (alphas[grid[i - 1]] if i > 0 else scheduler.final_alpha_cumprod).to(model.device)
         eps = model.predicted_noise(model.predict(x, t, text), x, a_t)  # predicted at the target level t
-        x = ddim_transition(x, eps, a_prev, a_t)
+        start = x
+        x = ddim_transition(start, eps, a_prev, a_t)
+        for _ in range(refinements):
+            eps = model.predicted_noise(model.predict(x, t, text), x, a_t)  # at the current estimate of x_t
+            x = ddim_transition(start, eps, a_prev, a_t)
         if t in saved:
             on_saved(t, x.cpu())
         if on_step is not None:
@@ -122,6 +133,7 @@ def ddim_invert(
     batch_size: int = 8,
     progress: bool | ProgressCallback | None = True,
     cancel: CancelToken | None = None,
+    refinements: int = 0,
 ) -> dict[int, torch.Tensor]:
     """DDIM inversion (Song et al., 2021, eq. 13 run backwards), each frame independently, guidance 1.
 
@@ -134,7 +146,8 @@ def ddim_invert(
     bar = _inversion_bar(latents.shape[0], len(grid), 0, progress, cancel)
     for start in range(0, latents.shape[0], batch_size):
         batch = latents[start : start + batch_size]
-        _invert_batch(model, batch, cond, grid, save, lambda t, x: saved[t].append(x), bar.update)
+        _invert_batch(model, batch, cond, grid, save, lambda t, x: saved[t].append(x), bar.update,
+                      refinements=refinements)
     return {t: torch.cat(v) for t, v in saved.items()}
 
 
@@ -158,7 +171,7 @@ def _reconstruct_batch(
 @torch.no_grad()
 def ddim_reconstruct(
     model: Backbone,
-    noisy: Mapping[int, torch.Tensor | LazyLatents],
+    noisy: Mapping[int, torch.Tensor | LatentColumn],
     cond: TextConditioning,
     batch_size: int = 8,
 ) -> torch.Tensor:

@@ -12,6 +12,7 @@ from ..events import CancelToken, ProgressCallback, as_progress
 from ..backbones import Backbone
 from .cache import InversionCache
 from .check import _log_psnr, reconstruction_psnr
+from ..errors import InputError
 from .ddim import ddim_invert, inversion_grid
 from .source import SourceLatents
 
@@ -33,6 +34,7 @@ def invert_frames(
     progress: bool | ProgressCallback | None = True,
     on_cache_hit: Callable[[Path], None] | None = None,
     cancel: CancelToken | None = None,
+    refinements: int = 0,
 ) -> SourceLatents:
     """Encode uint8 frames ``[N,H,W,3]`` and DDIM-invert them, through ``cache`` when given.
 
@@ -44,21 +46,26 @@ def invert_frames(
     ``progress``: ``True`` for progress bars, or a callable receiving :class:`~tokenflow.events.ProgressEvent` objects
     (stages ``inversion`` and ``reconstruction``); ``cancel``: checked after every UNet call, raises
     :class:`~tokenflow.events.Cancelled` (a cached inversion resumes from its last checkpoint next time).
+    ``refinements``: fixed-point iterations per inversion step (0: plain DDIM inversion, the reference's scheme;
+    see :func:`~tokenflow.inversion.ddim._invert_batch`); part of the cache key.
     """
+    if refinements < 0:
+        raise InputError(f"`inversion_refinements` {refinements}: must be 0 or more")
     progress = as_progress(progress)
     grid, save = inversion_grid(model, steps, inversion_steps)
     cond = model.condition([prompt], height=frames.shape[1], width=frames.shape[2])
-    info = dict(prompt=prompt, steps=steps, inversion_steps=inversion_steps, grid=grid, model=model.model_id)
+    info = dict(prompt=prompt, steps=steps, inversion_steps=inversion_steps, refinements=refinements, grid=grid,
+                model=model.model_id)
     if cache is None:
         clean = model.encode_frames(frames, batch_size)
-        noisy = ddim_invert(model, clean, cond, grid, save, batch_size, progress, cancel)
+        noisy = ddim_invert(model, clean, cond, grid, save, batch_size, progress, cancel, refinements)
         source = SourceLatents(clean=clean, noisy=noisy, info=info)
         if reconstruct:
             source.reconstruction_psnr = reconstruction_psnr(model, source, cond, batch_size, progress, cancel)
             _log_psnr(source.reconstruction_psnr)
         return source
 
-    key = InversionCache.key(frames, model, prompt, grid, save)
+    key = InversionCache.key(frames, model, prompt, grid, save, refinements)
 
     def usable(hit: SourceLatents | None) -> bool:
         return hit is not None and (hit.reconstruction_psnr is not None or not reconstruct)
@@ -69,14 +76,15 @@ def invert_frames(
             hit = cache.load(key)  # another process may have finished it meanwhile
             if hit is None:
                 hit = cache.invert(key, model, frames, cond, grid, save, batch_size=batch_size,
-                                   reconstruct=reconstruct, info=info, progress=progress, cancel=cancel)
+                                   reconstruct=reconstruct, info=info, progress=progress, cancel=cancel,
+                                   refinements=refinements)
                 return hit
             if not usable(hit):  # inverted earlier without the reconstruction check: add it
                 hit.reconstruction_psnr = reconstruction_psnr(model, hit, cond, batch_size, progress, cancel)
                 _log_psnr(hit.reconstruction_psnr)
                 cache.store(key, hit)
                 return cache.load(key)
-    logger.info("inversion cache hit: %s", cache.path(key))
+    logger.info("inversion cache hit: %s", cache.location(key))
     if on_cache_hit is not None:
-        on_cache_hit(cache.path(key))
+        on_cache_hit(cache.location(key))
     return hit

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .storage import LazyLatents, lazy_tensors
+from .storage import CorruptLatents, LatentColumn, LatentStore
 
 __all__ = ["SourceLatents"]
 
@@ -17,13 +17,13 @@ __all__ = ["SourceLatents"]
 class SourceLatents:
     """Clean latents of the frames and their DDIM-inverted latents at each saved timestep (CPU, float32).
 
-    ``noisy`` maps a timestep to its ``[N, C, h, w]`` latents: tensors in memory, or :class:`LazyLatents` read
-    from disk on demand (:meth:`InversionCache.load`, ``from_file(..., lazy=True)``). Either way
-    ``noisy[t][frames]`` gives those frames' latents as a tensor.
+    ``noisy`` maps a timestep to its ``[N, C, h, w]`` latents: tensors in memory, or
+    :class:`~tokenflow.inversion.storage.LatentColumn` read from disk on demand (:meth:`InversionCache.load`,
+    ``from_file(..., lazy=True)``). Either way ``noisy[t][frames]`` gives those frames' latents as a tensor.
     """
 
     clean: torch.Tensor  # [N, C, h, w]
-    noisy: Mapping[int, torch.Tensor | LazyLatents]  # t -> [N, C, h, w]
+    noisy: Mapping[int, torch.Tensor | LatentColumn]  # t -> [N, C, h, w]
     reconstruction_psnr: float | None = None
     info: dict = field(default_factory=dict)
 
@@ -34,29 +34,26 @@ class SourceLatents:
     @property
     def lazy(self) -> bool:
         """Whether the noisy latents are read from disk on demand."""
-        return any(isinstance(v, LazyLatents) for v in self.noisy.values())
+        return any(isinstance(v, LatentColumn) for v in self.noisy.values())
 
     @classmethod
     def from_file(cls, path: str | Path, lazy: bool = False) -> "SourceLatents":
-        """Load ``clean`` and ``source_t<T>`` tensors from a ``latents.safetensors`` written by ``--save-latents``.
+        """The ``clean`` and ``t<T>`` latents of a store: the ``latents`` folder of ``tokenflow edit
+        --save-latents``, an inversion cache entry, or a single safetensors file of an older release.
 
         ``lazy``: keep the noisy latents on disk and read them frame by frame on demand (long videos).
         """
-        from safetensors.torch import load_file
-
         try:
-            if lazy:
-                tensors, _ = lazy_tensors(path, lambda k: k.startswith("source_t") or k == "clean")
-                if "clean" in tensors:
-                    tensors["clean"] = tensors["clean"].load()
-            else:
-                tensors = load_file(str(path))
-            noisy = {int(k[len("source_t") :]): v for k, v in tensors.items() if k.startswith("source_t")}
-        except ValueError as exc:
-            raise ValueError(f"{path}: not a latents file ({exc})") from exc
-        if "clean" not in tensors or not noisy:
-            raise ValueError(f"{path}: expected 'clean' and 'source_t<T>' tensors (tokenflow edit --save-latents)")
-        return cls(clean=tensors["clean"], noisy=noisy)
+            store = LatentStore.open(path)
+            store.verify()
+        except CorruptLatents as exc:
+            raise ValueError(f"not a latents store: {exc}") from None
+        noisy = store.timesteps()
+        if "clean" not in store.columns or not noisy:
+            raise ValueError(f"{path}: expected 'clean' and 't<T>' latents (tokenflow edit --save-latents)")
+        if not lazy:
+            noisy = {t: c.load() for t, c in noisy.items()}
+        return cls(clean=store.columns["clean"].load(), noisy=noisy, info=store.info)
 
     def __post_init__(self):
         shapes = {tuple(v.shape) for v in self.noisy.values()} | {tuple(self.clean.shape)}

@@ -1,57 +1,80 @@
-"""Latents on disk: a safetensors file written in row ranges over several runs, and tensors read from one lazily,
-a few frames at a time."""
+"""Latents on disk: a folder of safetensors shards, each holding every tensor for a run of consecutive frames, and a
+JSON index; read back a few frames at a time.
+
+One format for the inversion cache and for ``tokenflow edit --save-latents``. Tensor names: ``clean`` (the
+encoded frames), ``t<T>`` (the inverted latents at timestep T), ``final`` (edited latents). A single safetensors
+file with those names (the cache of tokenflow < 0.3, a ``latents.safetensors`` of older releases, whose inverted
+latents are named ``source_t<T>``) opens the same way, as a store of one shard.
+
+Shards are written whole with ``safetensors.torch.save_file`` (so a half-written shard never has the final name),
+the index last: a folder without ``index.json`` is unfinished. The index records each shard's size and SHA-256,
+so a damaged store is detected before use (:meth:`LatentStore.verify`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import sys
+import re
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..correspondence import consecutive_runs
 
-__all__ = ["LazyLatents", "SafetensorsWriter", "write_safetensors", "lazy_tensors"]
+__all__ = ["LatentColumn", "LatentStore", "CorruptLatents", "write_shard", "write_latents", "load_latents",
+           "shard_name", "timestep_name"]
 
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "U8": torch.uint8,
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+INDEX = "index.json"
+FORMAT = "tokenflow-latents"
+_SHARD = re.compile(r"^frames-(\d+)-(\d+)\.safetensors$")
+_LEGACY_TIMESTEP = re.compile(r"^source_t(\d+)$")  # --save-latents of tokenflow < 0.3
 
 
-
-def _unwrap(x):
-    if isinstance(x, LazyLatents):
-        return x.load()
-    if isinstance(x, (list, tuple)):
-        return type(x)(_unwrap(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _unwrap(v) for k, v in x.items()}
-    return x
+class CorruptLatents(ValueError):
+    """A latents store that is not what its index says (truncated, modified, missing shards)."""
 
 
-class LazyLatents:
-    """One ``[N, ...]`` tensor of a safetensors file, read on demand, frames first.
+def timestep_name(t: int) -> str:
+    return f"t{int(t)}"
+
+
+def shard_name(start: int, stop: int) -> str:
+    """The file name of the shard holding frames ``[start, stop)``."""
+    return f"frames-{start:06d}-{stop:06d}.safetensors"
+
+
+def parse_shard_name(name: str) -> tuple[int, int] | None:
+    match = _SHARD.match(name)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    start: int
+    stop: int
+
+
+class LatentColumn:
+    """One ``[N, ...]`` tensor of a store, spread over shards of consecutive frames.
 
     Indexing the first axis (an int, a slice, a list, range or 1-D tensor of frame indices, or a tuple starting with
-    one) opens the file with ``safetensors.safe_open`` (memory-mapped) and copies out only those frames, so
-    ``latents[frames]`` costs ``len(frames)`` frames of host memory. Any other use loads the whole tensor first:
-    torch functions and operators accept it (``__torch_function__``), so it stands in where a tensor is expected.
-    Each read reopens the file, so nothing stays mapped between reads.
+    one) reads only those frames' rows from the shards that hold them (``safetensors.safe_open``, memory-mapped and
+    unmapped again, so nothing stays resident between reads). :meth:`load` reads the whole tensor. It is not a
+    tensor: arithmetic needs an explicit read (``column[:]``), so no code loads a long video's latents by accident.
     """
 
-    def __init__(self, path: str | Path, name: str, shape: tuple[int, ...], dtype: torch.dtype):
-        self.path = Path(path)
+    def __init__(self, name: str, shards: Sequence[Shard], shape: tuple[int, ...], dtype: torch.dtype,
+                 stored_name: str | None = None):
         self.name = name
+        self.stored_name = stored_name or name  # the name in the files (an older release's, when it differs)
+        self.shards = list(shards)
         self.shape = torch.Size(shape)
         self.dtype = dtype
 
@@ -62,275 +85,277 @@ class LazyLatents:
         return self.shape[0]
 
     def __repr__(self) -> str:
-        return f"LazyLatents({str(self.path)!r}, {self.name!r}, shape={tuple(self.shape)}, dtype={self.dtype})"
+        where = self.shards[0].path.parent if self.shards else "?"
+        return f"LatentColumn({self.name!r} in {str(where)!r}, shape={tuple(self.shape)}, dtype={self.dtype})"
 
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
 
-    def _read(self, runs: list[tuple[int, int]]) -> torch.Tensor:
+    def _read(self, positions: list[int]) -> torch.Tensor:
         from safetensors import safe_open
 
-        if not runs:
+        parts = []
+        for a, z in consecutive_runs(positions):
+            for shard in self.shards:
+                lo, hi = max(a, shard.start), min(z, shard.stop)
+                if lo >= hi:
+                    continue
+                try:
+                    with safe_open(str(shard.path), framework="pt") as f:
+                        # a copy: no view of the memory map outlives the read
+                        parts.append(f.get_slice(self.stored_name)[lo - shard.start : hi - shard.start].clone())
+                except FileNotFoundError:
+                    raise FileNotFoundError(
+                        f"{shard.path}: the latents file was removed while in use; rerun (the inversion is recomputed)"
+                    ) from None
+        if not parts:
             return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
-        try:
-            with safe_open(str(self.path), framework="pt") as f:
-                part = f.get_slice(self.name)
-                if tuple(part.get_shape()) != tuple(self.shape):
-                    raise RuntimeError(
-                        f"{self.path}: tensor {self.name!r} changed on disk ({part.get_shape()} instead of "
-                        f"{list(self.shape)}); rerun the inversion"
-                    )
-                parts = [part[a:z] for a, z in runs]
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{self.path}: the latents file was removed while in use; rerun (the inversion is recomputed)"
-            ) from None
-        # safetensors hands out views of its memory map: copy, so that no mapping outlives the read (a file
-        # replaced or truncated later cannot fault a tensor already returned, and no file pages stay resident)
-        return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.to(self.dtype)
 
     def load(self) -> torch.Tensor:
         """The whole tensor."""
-        return self._read([(0, self.shape[0])]) if self.shape[0] else self._read([])
+        return self._read(list(range(self.shape[0])))
 
-    def __getitem__(self, index):
+    def __getitem__(self, index) -> torch.Tensor:
         rest = ()
         if isinstance(index, tuple):
             index, rest = (index[0], index[1:]) if index else (slice(None), ())
         n = self.shape[0]
-        squeeze = False
-        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
-            index = index.nonzero().flatten()
-        if isinstance(index, torch.Tensor) and index.ndim == 0:
-            index = int(index)
-        if isinstance(index, int):
-            squeeze, positions = True, [index]
+        if isinstance(index, torch.Tensor):
+            if index.dtype == torch.bool:
+                index = index.nonzero().flatten()
+            index = int(index) if index.ndim == 0 else index.tolist()
+        squeeze = isinstance(index, int)
+        if squeeze:
+            positions = [index]
         elif isinstance(index, slice):
-            start, stop, step = index.indices(n)
-            positions = list(range(start, stop, step))
-        elif isinstance(index, (list, range, torch.Tensor)) and all(
-            isinstance(i, int) for i in (index.tolist() if isinstance(index, torch.Tensor) else index)
-        ):
-            positions = index.tolist() if isinstance(index, torch.Tensor) else list(index)
-            if isinstance(index, torch.Tensor) and index.ndim != 1:
-                return self.load()[(index, *rest)]
+            positions = list(range(*index.indices(n)))
+        elif isinstance(index, (list, range)) and all(isinstance(i, int) for i in index):
+            positions = list(index)
         else:
-            return self.load()[(index, *rest)] if rest else self.load()[index]
+            raise TypeError(f"{self!r}: index the frames with an int, a slice or a list of ints, not {index!r}")
         for i, p in enumerate(positions):
             if not -n <= p < n:
                 raise IndexError(f"index {p} is out of bounds for {n} frames of {self.name!r}")
             positions[i] = p % n
-        out = self._read(consecutive_runs(positions))
+        out = self._read(positions)
         if squeeze:
             out = out[0]
         return out[(slice(None),) * (0 if squeeze else 1) + rest] if rest else out
 
-    # Everything else: the whole tensor.
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        return func(*_unwrap(args), **_unwrap(kwargs or {}))
 
-    def __array__(self, dtype=None, copy=None):
-        array = self.load().numpy()
-        return array if dtype is None else array.astype(dtype)
+class LatentStore:
+    """A latents folder (``index.json`` and shards) or a single safetensors file, opened for reading.
 
-    def contiguous(self) -> torch.Tensor:
-        return self.load()
-
-    def clone(self) -> torch.Tensor:
-        return self.load()
-
-    def numpy(self):
-        return self.load().numpy()
-
-    def to(self, *args, **kwargs) -> torch.Tensor:
-        return self.load().to(*args, **kwargs)
-
-    def float(self) -> torch.Tensor:
-        return self.load().float()
-
-    def __neg__(self):
-        return -self.load()
-
-
-def _binary(name: str):
-    def method(self, other):
-        return getattr(self.load(), name)(_unwrap(other))
-
-    method.__name__ = name
-    return method
-
-
-for _name in ("add", "sub", "mul", "truediv", "pow", "matmul"):
-    for _form in (f"__{_name}__", f"__r{_name}__"):
-        setattr(LazyLatents, _form, _binary(_form))
-
-
-def lazy_tensors(path: str | Path, names: Callable[[str], bool]) -> tuple[dict[str, LazyLatents], dict[str, str]]:
-    """Lazy views of the tensors of a safetensors file whose names pass ``names``, and the file's metadata."""
-    from safetensors import safe_open
-
-    out = {}
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        for name in f.keys():
-            if names(name):
-                part = f.get_slice(name)
-                dtype = part.get_dtype()
-                if dtype not in _DTYPES:
-                    raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, not a float latent")
-                out[name] = LazyLatents(path, name, tuple(part.get_shape()), _DTYPES[dtype])
-    return out, metadata
-
-
-class SafetensorsWriter:
-    """A safetensors file laid out in advance and filled in by row ranges, in any order, over several runs.
-
-    ``layout``: name -> (shape, dtype), written in that order. :meth:`create` writes the header (with ``reserve``
-    spare bytes, so :meth:`set_metadata` can rewrite it in place later) and sizes the file for every tensor; the
-    file is a valid safetensors file from then on (unwritten rows read as zeros). :meth:`matches` tells whether an
-    existing file has this very layout, so an interrupted writer can reopen it and go on.
+    ``columns``: name -> :class:`LatentColumn`; ``info``: the metadata the writer recorded.
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-        metadata: Mapping[str, str] | None = None,
-        reserve: int = 1024,
-    ):
-        if sys.byteorder != "little":
-            raise RuntimeError("safetensors files are little-endian; this machine is not")
-        self.path = Path(path)
-        self.layout = {k: (tuple(int(d) for d in shape), dtype) for k, (shape, dtype) in layout.items()}
-        self.entries: dict[str, dict] = {}
-        offset = 0
-        for name, (shape, dtype) in self.layout.items():
-            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            self.entries[name] = dict(
-                dtype=_DTYPE_NAMES[dtype], shape=list(shape), data_offsets=[offset, offset + size]
-            )
-            offset += size
-        self.data_size = offset
-        header = self._header(metadata or {})
-        self.header_size = -(-(len(header) + reserve) // 8) * 8
-        self.metadata = dict(metadata or {})
-        self._file = None
+    def __init__(self, path: Path, columns: dict[str, LatentColumn], info: dict, index: dict | None):
+        self.path = path
+        self.columns = columns
+        self.info = info
+        self._index = index
 
-    def _header(self, metadata: Mapping[str, str]) -> bytes:
-        content = {"__metadata__": dict(metadata)} if metadata else {}
-        content.update(self.entries)
-        return json.dumps(content, separators=(",", ":")).encode()
+    @classmethod
+    def open(cls, path: str | Path) -> "LatentStore":
+        """Open a folder written by :func:`write_latents` or a single safetensors file; raises
+        :class:`CorruptLatents` when it is neither (or its index does not describe its shards)."""
+        path = Path(path)
+        if path.is_dir():
+            try:
+                index = json.loads((path / INDEX).read_text())
+                if index.get("format") != FORMAT:
+                    raise ValueError(f"format {index.get('format')!r}")
+                shards = [Shard(path / s["file"], int(s["start"]), int(s["stop"])) for s in index["shards"]]
+                columns = {name: LatentColumn(name, shards, tuple(spec["shape"]), _dtype(spec["dtype"]))
+                           for name, spec in index["tensors"].items()}
+            except FileNotFoundError:
+                raise CorruptLatents(f"{path}: no {INDEX} (an unfinished or foreign folder)") from None
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CorruptLatents(f"{path}/{INDEX}: not a tokenflow latents index ({exc})") from None
+            return cls(path, columns, index.get("info", {}), index)
+        return cls.from_shards([Shard(path, 0, -1)])
 
-    def _header_block(self, metadata: Mapping[str, str]) -> bytes:
-        header = self._header(metadata)
-        if len(header) > self.header_size:
-            raise ValueError(f"{self.path}: a {len(header)}-byte header does not fit the {self.header_size} reserved")
-        return self.header_size.to_bytes(8, "little") + header + b" " * (self.header_size - len(header))
+    @classmethod
+    def from_shards(cls, shards: Sequence[Shard]) -> "LatentStore":
+        """A store over shard files without an index (an unfinished folder, a single file: ``stop=-1`` takes the
+        row count from the file). Every shard must hold the same tensor names, shapes past the first axis and
+        dtypes, and together they cover frames 0 to the last one without a gap."""
+        from safetensors import SafetensorError, safe_open
+
+        specs: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+        resolved, info = [], {}
+        for shard in sorted(shards, key=lambda s: s.start):
+            try:
+                with safe_open(str(shard.path), framework="pt") as f:
+                    names = list(f.keys())
+                    these = {}
+                    for name in names:
+                        part = f.get_slice(name)
+                        these[_canonical(name)] = (tuple(part.get_shape()), _dtype(part.get_dtype()), name)
+                    info = json.loads((f.metadata() or {}).get("info", "{}"))
+            except (OSError, SafetensorError, ValueError) as exc:
+                raise CorruptLatents(f"{shard.path}: not a readable safetensors file ({exc})") from None
+            rows = {shape[0] for shape, _, _ in these.values() if shape}
+            stop = shard.stop if shard.stop >= 0 else shard.start + (rows.pop() if len(rows) == 1 else 0)
+            if rows - {stop - shard.start} or any(not shape for shape, _, _ in these.values()):
+                raise CorruptLatents(f"{shard.path}: its tensors do not all hold frames {shard.start}-{stop - 1}")
+            shape_tail = {k: (s[1:], d) for k, (s, d, _) in these.items()}
+            if specs is None:
+                specs = shape_tail
+            elif specs != shape_tail:
+                raise CorruptLatents(f"{shard.path}: other tensors than the store's first shard")
+            resolved.append((Shard(shard.path, shard.start, stop), {k: v[2] for k, v in these.items()}))
+        if not resolved:
+            raise CorruptLatents("no latent shards")
+        expected = 0
+        for shard, _ in resolved:
+            if shard.start != expected:
+                raise CorruptLatents(f"{shard.path}: frames {expected}-{shard.start - 1} are missing")
+            expected = shard.stop
+        columns = {}
+        for name, (tail, dtype) in (specs or {}).items():
+            stored = {names[name] for _, names in resolved}
+            if len(stored) != 1:
+                raise CorruptLatents(f"{resolved[0][0].path.parent}: shards name {name!r} differently")
+            columns[name] = LatentColumn(name, [s for s, _ in resolved], (expected, *tail), dtype, stored.pop())
+        return cls(resolved[0][0].path if len(resolved) == 1 else resolved[0][0].path.parent, columns, info, None)
 
     @property
-    def total_size(self) -> int:
-        return 8 + self.header_size + self.data_size
+    def frames(self) -> int:
+        return next(iter(self.columns.values())).shape[0] if self.columns else 0
 
-    def create(self) -> "SafetensorsWriter":
-        """Create (or overwrite) the file with its header, sized for all tensors, and open it for writing."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "wb") as f:
-            f.write(self._header_block(self.metadata))
-            f.truncate(self.total_size)
-        return self.open()
+    def timesteps(self) -> dict[int, LatentColumn]:
+        """The inverted latents by timestep."""
+        return {int(name[1:]): c for name, c in self.columns.items() if re.fullmatch(r"t\d+", name)}
 
-    def matches(self) -> bool:
-        """Whether the file exists with exactly this layout (names, shapes, dtypes, offsets, size); if so, its header
-        room (set by whoever created it) is adopted."""
-        try:
-            with open(self.path, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                if size > self.header_size + (1 << 20):  # not a header this layout could have (garbage, other file)
-                    return False
-                header = json.loads(f.read(size))
-            if not isinstance(header, dict) or os.path.getsize(self.path) != 8 + size + self.data_size:
-                return False
-        except (OSError, ValueError):
-            return False
-        header.pop("__metadata__", None)
-        if header != self.entries:
-            return False
-        self.header_size = size
-        return True
-
-    def open(self) -> "SafetensorsWriter":
-        if self._file is None:
-            self._file = open(self.path, "r+b")
-        return self
-
-    def write(self, name: str, start: int, rows: torch.Tensor) -> None:
-        """Write ``rows`` (``[r, *shape[1:]]``, or the whole tensor for a 0-d one) at row ``start`` of ``name``."""
-        shape, dtype = self.layout[name]
-        rows = rows.detach().to("cpu", dtype).contiguous()
-        if tuple(rows.shape[1:]) != tuple(shape[1:]) and not (not shape and rows.numel() == 1):
-            raise ValueError(f"rows of shape {tuple(rows.shape)} do not fit {name!r} of shape {shape}")
-        row_bytes = torch.Size(shape[1:]).numel() * rows.element_size() if shape else rows.element_size()
-        begin, end = self.entries[name]["data_offsets"]
-        offset = begin + start * row_bytes
-        data = rows.reshape(-1).view(torch.uint8).numpy()
-        if offset + data.nbytes > end:
-            raise ValueError(f"rows {start}..{start + len(rows)} are outside {name!r} of shape {shape}")
-        self._file.seek(8 + self.header_size + offset)
-        self._file.write(memoryview(data))
-
-    def set_metadata(self, metadata: Mapping[str, str]) -> None:
-        """Rewrite the header in place with new metadata (must fit the reserved room)."""
-        block = self._header_block(metadata)
-        self.metadata = dict(metadata)
-        self._file.seek(0)
-        self._file.write(block)
-
-    def sync(self) -> None:
-        """Flush to disk: what was written survives a crash from here on."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> "SafetensorsWriter":
-        return self.open()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def verify(self) -> None:
+        """Check every shard against the index (size, SHA-256, tensors); raises :class:`CorruptLatents`.
+        A single file (no index) is checked for a readable header and consistent tensors only."""
+        if self._index is None:
+            return
+        for entry in self._index["shards"]:
+            path = self.path / entry["file"]
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise CorruptLatents(f"{path}: missing") from None
+            if size != entry["bytes"]:
+                raise CorruptLatents(f"{path}: {size} bytes, the index says {entry['bytes']} (truncated?)")
+            if _sha256(path) != entry["sha256"]:
+                raise CorruptLatents(f"{path}: its checksum does not match the index (modified or damaged)")
+        LatentStore.from_shards([Shard(self.path / s["file"], s["start"], s["stop"]) for s in self._index["shards"]])
 
 
-def write_safetensors(
-    path: str | Path,
-    tensors: Mapping[str, torch.Tensor | LazyLatents],
-    metadata: Mapping[str, str] | None = None,
-    chunk_bytes: int = 64 << 20,
-) -> Path:
-    """Write tensors (or :class:`LazyLatents`) to a safetensors file, ``chunk_bytes`` at a time, atomically.
+def _canonical(name: str) -> str:
+    match = _LEGACY_TIMESTEP.match(name)
+    return timestep_name(int(match[1])) if match else name
 
-    Unlike ``safetensors.torch.save_file`` it never holds more than one chunk: lazy inputs stream from disk to disk.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    layout = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name in _DTYPES:
+        return _DTYPES[name]
+    for dtype in _DTYPES.values():
+        if str(dtype) == name:
+            return dtype
+    raise ValueError(f"dtype {name}: not a floating-point latent")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_shard(folder: str | Path, start: int, stop: int, tensors: Mapping[str, torch.Tensor],
+                info: dict | None = None, name: str | None = None) -> Path:
+    """Write frames ``[start, stop)`` of every tensor as one shard of ``folder``, atomically (a temporary file,
+    then a rename); ``name`` overrides the shard's file name (a checkpoint)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (name or shard_name(start, stop))
+    for key, value in tensors.items():
+        if value.shape[0] != stop - start:
+            raise ValueError(f"{key}: {value.shape[0]} rows for frames {start}-{stop - 1}")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        with SafetensorsWriter(tmp, layout, metadata, reserve=0).create() as writer:
-            for name, tensor in tensors.items():
-                if tensor.ndim == 0:
-                    writer.write(name, 0, tensor[()] if isinstance(tensor, LazyLatents) else tensor)
-                    continue
-                row = max(1, torch.Size(tensor.shape[1:]).numel() * torch.empty((), dtype=tensor.dtype).element_size())
-                step = max(1, chunk_bytes // row)
-                for start in range(0, tensor.shape[0], step):
-                    writer.write(name, start, tensor[start : start + step])
-            writer.sync()
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"info": json.dumps(info or {}, default=str)})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def finish_store(folder: str | Path, info: dict | None = None) -> Path:
+    """Write the index of the shards in ``folder`` (checking that they cover the frames once, with one set of
+    tensors); the folder is a finished store from then on."""
+    folder = Path(folder)
+    shards = []
+    for path in folder.iterdir():
+        span = parse_shard_name(path.name)
+        if span is not None:
+            shards.append(Shard(path, *span))
+    store = LatentStore.from_shards(shards)
+    index = {
+        "format": FORMAT,
+        "version": 1,
+        "frames": store.frames,
+        "tensors": {name: {"shape": list(c.shape), "dtype": str(c.dtype)} for name, c in store.columns.items()},
+        "shards": [{"file": s.path.name, "start": s.start, "stop": s.stop, "bytes": s.path.stat().st_size,
+                    "sha256": _sha256(s.path)} for s in sorted(shards, key=lambda s: s.start)],
+        "info": info or {},
+    }
+    tmp = folder / f".{INDEX}.tmp"
+    tmp.write_text(json.dumps(index, indent=1, default=str))
+    os.replace(tmp, folder / INDEX)
+    return folder
+
+
+def write_latents(path: str | Path, tensors: Mapping[str, torch.Tensor | LatentColumn], info: dict | None = None,
+                  frames_per_shard: int = 8) -> Path:
+    """Write tensors that share their first axis (frames) as a finished store at ``path``, ``frames_per_shard``
+    frames at a time (lazy columns stream from disk to disk), atomically: the folder appears whole or not at all,
+    replacing what was there."""
+    path = Path(path)
+    counts = {t.shape[0] for t in tensors.values()}
+    if len(counts) != 1:
+        raise ValueError(f"latents to store must share their frame count, got {sorted(counts)}")
+    n = counts.pop()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        for start in range(0, n, frames_per_shard):
+            stop = min(start + frames_per_shard, n)
+            write_shard(staging, start, stop, {k: v[start:stop] for k, v in tensors.items()})
+        finish_store(staging, info)
+        replace_folder(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def replace_folder(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing whatever ``dst`` was (a file, a folder)."""
+    if dst.is_dir() and not dst.is_symlink():
+        shutil.rmtree(dst)
+    elif dst.exists() or dst.is_symlink():
+        dst.unlink()
+    os.replace(src, dst)
+
+
+def load_latents(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a latents store (folder or single file), checked and read whole: for notebooks and tests."""
+    store = LatentStore.open(path)
+    store.verify()
+    return {name: column.load() for name, column in store.columns.items()}

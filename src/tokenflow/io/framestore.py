@@ -2,7 +2,8 @@
 
 A 1000-frame clip at 910x512 is 1.4 GB of uint8 RGB and 2.8 GB at 720p: more than a run should hold in memory
 for the few frames each step touches. :class:`FrameStore` keeps them in one raw file and indexes like a
-``[N, H, W, 3]`` uint8 array, reading just the rows asked for (no memory map, so nothing stays resident), and keeps the SHA-256 of their bytes for the inversion cache's key.
+``[N, H, W, 3]`` uint8 array, reading just the rows asked for (through a numpy memory map opened per read, so
+nothing stays resident), and keeps the SHA-256 of their bytes for the inversion cache's key.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class FrameStore:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(np.uint8)
         self._sha256 = sha256
-        self._file = open(self.path, "rb", buffering=0)  # unbuffered: rows go straight into the output array
+        if self.path.stat().st_size != int(np.prod(self.shape)):
+            raise OSError(f"{self.path}: not the size of {self.shape[0]} frames of {self.shape[2]}x{self.shape[1]}")
 
     @classmethod
     def write(cls, path: str | Path, frames: Iterable[np.ndarray], source: str = "the video") -> "FrameStore":
@@ -67,43 +69,19 @@ class FrameStore:
     def frame_bytes(self) -> int:
         return self.shape[1] * self.shape[2] * self.shape[3]
 
-    def _read(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty((max(0, stop - start), *self.shape[1:]), dtype=np.uint8)
-        if out.size == 0:
-            return out
-        view = memoryview(out.reshape(-1))
-        self._file.seek(start * self.frame_bytes)
-        done = 0
-        while done < len(view):  # an unbuffered read may return less than asked
-            got = self._file.readinto(view[done:])
-            if not got:
-                raise OSError(f"{self.path}: shorter than its {self.shape[0]} frames (changed while in use?)")
-            done += got
-        return out
-
     def __getitem__(self, index) -> np.ndarray:
-        n = self.shape[0]
-        if isinstance(index, (int, np.integer)):
-            i = int(index) + (n if index < 0 else 0)
-            if not 0 <= i < n:
-                raise IndexError(f"frame {index} out of range for {n} frames")
-            return self._read(i, i + 1)[0]
-        if isinstance(index, slice):
-            start, stop, step = index.indices(n)
-            if step == 1:
-                return self._read(start, stop)
-            index = range(start, stop, step)
-        rows = np.asarray(list(index) if isinstance(index, range) else index).reshape(-1).astype(np.int64)
-        if rows.size and (rows.min() < -n or rows.max() >= n):
-            raise IndexError(f"frames {rows.tolist()} out of range for {n} frames")
-        rows = np.where(rows < 0, rows + n, rows)
-        out = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
-        for i, row in enumerate(rows.tolist()):
-            out[i] = self._read(row, row + 1)[0]
-        return out
+        """Those frames, copied out of a memory map opened for this read only (so no page of the file stays
+        resident between reads); numpy's indexing rules."""
+        if self.shape[0] == 0:
+            return np.empty(self.shape, np.uint8)[index]
+        frames = np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.shape)
+        try:
+            return np.array(frames[index])
+        finally:
+            del frames  # unmapped here, not whenever the collector runs
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        whole = self._read(0, self.shape[0])
+        whole = self[:]
         return whole if dtype is None else whole.astype(dtype)
 
     def sha256(self) -> hashlib._Hash:
@@ -111,13 +89,7 @@ class FrameStore:
         return self._sha256.copy()
 
     def close(self) -> None:
-        self._file.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        """Nothing stays open between reads; kept so callers can release stores uniformly."""
 
     def __repr__(self) -> str:
         return f"FrameStore({str(self.path)!r}, shape={self.shape})"

@@ -29,16 +29,16 @@ log = logging.getLogger('tokenflow.io')
 
 def _check_selection(path: Path, start: int, stride: int, max_frames: int | None) -> None:
     if start < 0:
-        raise InputError(f"{path}: --start {start} is negative; use 0 or more")
+        raise InputError(f"{path}: `start` {start} is negative; use 0 or more")
     if stride < 1:
-        raise InputError(f"{path}: --stride {stride} is not allowed; use --stride 1 or more")
+        raise InputError(f"{path}: `stride` {stride} is not allowed; use `stride` 1 or more")
     if max_frames is not None and max_frames < 1:
-        raise InputError(f"{path}: --max-frames {max_frames} selects nothing; use 1 or more")
+        raise InputError(f"{path}: `max_frames` {max_frames} selects nothing; use 1 or more")
 
 
 def _past_end(path: Path, start: int, total: int) -> InputError:
     return InputError(
-        f"{path}: --start {start} is past the last frame ({total} frames); choose a smaller --start"
+        f"{path}: `start` {start} is past the last frame ({total} frames); choose a smaller `start`"
     )
 
 

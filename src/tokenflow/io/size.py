@@ -21,7 +21,7 @@ def working_size(width: int, height: int, size: int, multiple: int = 8) -> tuple
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     if size < multiple:
-        raise InputError(f"--size {size} is smaller than {multiple}; choose --size {multiple} or more")
+        raise InputError(f"`size` {size} is smaller than {multiple}; choose `size` {multiple} or more")
     if width < 1 or height < 1:
         raise InputError(f"video size {width}x{height} is empty; check the input video")
     scale = size / min(width, height)

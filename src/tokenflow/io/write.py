@@ -40,7 +40,7 @@ _OUTPUT_FORMATS: dict[str, tuple[tuple[str, ...], frozenset[str], str]] = {
 _RGB_PIX_FMT = {"ffv1": "bgr0", "png": "rgb24", "qtrle": "rgb24"}
 
 
-def _as_rate(fps: float | Fraction | int, what: str = "--fps") -> Fraction:
+def _as_rate(fps: float | Fraction | int, what: str = "fps") -> Fraction:
     """Exact frame rate: 29.97002997... becomes 30000/1001, 12/5 stays 12/5."""
     try:
         rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1_000_000)

@@ -39,7 +39,7 @@ def _looks_like_path(source: str) -> bool:
 @functools.lru_cache(maxsize=2)
 def _load_clip(source: str, device: str) -> tuple[Any, Any, Any]:
     if _looks_like_path(source) and not Path(source).expanduser().is_dir():
-        raise ClipLoadError(f"--clip-model {source}: not an existing folder; give a CLIP model folder or a hub id")
+        raise ClipLoadError(f"`clip_model` {source}: not an existing folder; give a CLIP model folder or a hub id")
     source = str(Path(source).expanduser()) if Path(source).expanduser().is_dir() else source
     try:
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
@@ -51,7 +51,7 @@ def _load_clip(source: str, device: str) -> tuple[Any, Any, Any]:
     except Exception as exc:  # noqa: BLE001 -- any failure means "cannot score with this model"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClipLoadError(
-            f"--clip-model {source}: cannot load a CLIP model ({reason[:200]}); "
+            f"`clip_model` {source}: cannot load a CLIP model ({reason[:200]}); "
             "give a local CLIP folder or a cached hub id such as openai/clip-vit-large-patch14"
         ) from exc
     logger.info("CLIP model %s loaded on %s", source, device)

@@ -54,12 +54,12 @@ def _read_run_json(run_dir: Path) -> dict[str, Any]:
 
 def _align(source: Any, edited: Any, align: str, notes: list[str]) -> tuple[Any, Any]:
     if align not in ("refuse", "truncate"):
-        raise InputError(f"--align {align}: unknown alignment; use refuse or truncate")
+        raise InputError(f"`align` {align}: unknown alignment; use refuse or truncate")
     ns, ne = source.shape[0], edited.shape[0]
     if ns != ne:
         if align == "refuse":
             raise InputError(
-                f"source has {ns} frames but edited has {ne}; pass align='truncate' (--align truncate) to use the first {min(ns, ne)}"
+                f"source has {ns} frames but edited has {ne}; pass `align` truncate to use the first {min(ns, ne)}"
             )
         n = min(ns, ne)
         msg = f"frame counts differ (source {ns}, edited {ne}); both truncated to {n}"
@@ -109,7 +109,7 @@ def evaluate(
     source = _check_frames(source, "source")
     edited = _check_frames(edited, "edited")
     if flow not in FLOW_METHODS:
-        raise InputError(f"--flow {flow}: unknown optical-flow method; use one of {', '.join(FLOW_METHODS)}")
+        raise InputError(f"`flow` {flow}: unknown optical-flow method; use one of {', '.join(FLOW_METHODS)}")
     notes: list[str] = []
     source, edited = _align(source, edited, align, notes)
     gap = _check_gap(gap, source.shape[0])

@@ -32,7 +32,7 @@ def optical_flow(prev: np.ndarray, nxt: np.ndarray, method: str = "dis") -> np.n
     already in the local torch hub cache -- nothing is downloaded).
     """
     if method not in FLOW_METHODS:
-        raise InputError(f"--flow {method}: unknown optical-flow method; use one of {', '.join(FLOW_METHODS)}")
+        raise InputError(f"`flow` {method}: unknown optical-flow method; use one of {', '.join(FLOW_METHODS)}")
     prev = _check_image(prev, "prev frame")
     nxt = _check_image(nxt, "next frame")
     if prev.shape[:2] != nxt.shape[:2]:
@@ -76,7 +76,7 @@ def _raft_weights_path() -> tuple[Any, Path] | None:
 def _raft_model() -> tuple[Any, Any, str]:
     found = _raft_weights_path()
     if found is None:
-        raise InputError("--flow raft: torchvision RAFT weights are not available offline; use --flow dis")
+        raise InputError("`flow` raft: torchvision RAFT weights are not available offline; use `flow` dis")
     weights, path = found
     import torch
     from torchvision.models.optical_flow import Raft_Large_Weights, raft_large, raft_small
@@ -200,9 +200,9 @@ def _warp_errors_many(
 
 def _check_gap(gap: Any, n: int) -> int:
     if isinstance(gap, bool) or not isinstance(gap, (int, np.integer)) or gap < 1:
-        raise InputError(f"--gap {gap}: the frame gap must be a whole number >= 1")
+        raise InputError(f"`gap` {gap}: the frame gap must be a whole number >= 1")
     if gap >= n:
-        raise InputError(f"--gap {gap}: the video has only {n} frame(s); use a gap smaller than the frame count")
+        raise InputError(f"`gap` {gap}: the video has only {n} frame(s); use a gap smaller than the frame count")
     return int(gap)
 
 
@@ -223,5 +223,5 @@ def warp_errors(source: np.ndarray, edited: np.ndarray, gap: int = 1, method: st
         )
     gap = _check_gap(gap, source.shape[0])
     if method not in FLOW_METHODS:
-        raise InputError(f"--flow {method}: unknown optical-flow method; use one of {', '.join(FLOW_METHODS)}")
+        raise InputError(f"`flow` {method}: unknown optical-flow method; use one of {', '.join(FLOW_METHODS)}")
     return _warp_errors_many(source, [edited], gap, method)[0]
