@@ -82,7 +82,7 @@ def main() -> None:
 
             model = str(build_tiny_sd(root / "tiny-sd"))
         lines = [f"defaults:\n  model: {model}\n  size: {args.size}\n  steps: {args.steps}\n"
-                 f"  inversion_steps: {args.inversion_steps}\n  batch_size: {args.batch_size}\n"
+                 f"  inversion: ddim\n  inversion_steps: {args.inversion_steps}\n  batch_size: {args.batch_size}\n"
                  f"  device: {args.device}\njobs:\n"]
         for i in range(args.jobs):
             clip = root / f"clip{i}.mp4"

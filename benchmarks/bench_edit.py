@@ -192,6 +192,7 @@ def _timed_stages(editor, frames, spec: dict, device):
         torch.from_numpy(frames),
         inversion_prompt=spec["inversion_prompt"],
         steps=spec["steps"],
+        inversion=spec.get("inversion", "ddim"),
         inversion_steps=spec["inversion_steps"],
         batch_size=spec["batch_size"],
         cache=None,
@@ -508,6 +509,8 @@ def parse_args(argv=None):
     p.add_argument("--shift", type=int, default=4, help="pan speed of the tiny/mid clips, px per frame")
     p.add_argument("--steps", type=int, default=10, help="editing steps for tiny/mid")
     p.add_argument("--inversion-steps", type=int, default=20, help="inversion steps for tiny/mid")
+    p.add_argument("--inversion", choices=("ddim", "fixed-point"), default="ddim",
+                   help="inversion scheme (ddim: the one the recorded figures used; fixed-point: the tool's default)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size for tiny/mid")
     p.add_argument("--prompt", default="a marble statue of an astronaut", help="edit prompt for tiny/mid")
     p.add_argument("--micro-seeds", nargs="+", type=int, default=[0, 1], help="make_clip.py seeds for micro")
@@ -588,7 +591,8 @@ def main(argv=None) -> None:
           f"device {device}, torch {machine['torch']}", file=sys.stderr)
     clip_by_name = {c["name"]: c for c in prepared["clips"]}
 
-    common = dict(device=device, dtype=args.dtype, threads=args.threads, guidance_scale=args.guidance_scale,
+    common = dict(inversion=args.inversion, device=device, dtype=args.dtype, threads=args.threads,
+                  guidance_scale=args.guidance_scale,
                   seed=args.seed, reconstruct=args.reconstruct, repeat=args.repeat, flow=args.flow,
                   gt_border=args.gt_border, keep_frames=args.keep_frames)
     plan = []

@@ -50,7 +50,8 @@ def _run_options(spec: dict, clip: Path, out: Path, cache: Path):
     return RunOptions(
         video=clip, prompt=spec["prompt"], out=out, model=spec["model_path"],
         inversion_prompt=spec.get("inversion_prompt", ""), negative_prompt="", size=spec["size"],
-        steps=spec["steps"], inversion_steps=spec["inversion_steps"], batch_size=spec["batch_size"], seed=0,
+        steps=spec["steps"], inversion=spec.get("inversion", "ddim"), inversion_steps=spec["inversion_steps"],
+        batch_size=spec["batch_size"], seed=0,
         device=spec["device"], dtype=spec["dtype"], cache_dir=cache, quiet=True,
         keyframe_window="full" if window is None else str(window), anchors=spec["anchors"], keyframe_batch=str(batch),
     )

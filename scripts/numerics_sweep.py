@@ -51,6 +51,11 @@ def run(pytest_args: list[str], log_path: Path, threads: tuple[int, ...], full: 
             if not full:
                 args += ["--deselect", SLOW]
             proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+            # each run's whole output beside the log, so a failure that does not reproduce can still be read
+            runs = log_path.with_suffix(".runs")
+            runs.mkdir(exist_ok=True)
+            name = "".join(c if c.isalnum() else "_" for c in _label(variant)).strip("_") or "defaults"
+            (runs / f"{name}-{n}thr.txt").write_text(proc.stdout + proc.stderr)
             lines = proc.stdout.strip().splitlines()
             last = (lines or ["(no output)"])[-1]
             failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in lines if line.startswith("FAILED ")]

@@ -436,8 +436,12 @@ def test_a_hub_model_that_is_not_cached_offline_is_one_line_saying_how_to_fix_it
     assert not out.exists()
 
 
-def test_ctrl_c_during_the_inversion_exits_130_with_one_line_and_writes_nothing(pan_clip, tiny_model_dir, tmp_path):
-    """A real process and a real SIGINT: `tokenflow edit ... && upload` must not see success."""
+@pytest.mark.parametrize("signal_name, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_a_signal_during_the_inversion_exits_128_plus_it_with_one_line_and_writes_nothing(
+    pan_clip, tiny_model_dir, tmp_path, signal_name, code, word
+):
+    """A real process and a real signal (Ctrl-C, or SIGTERM from a scheduler): `tokenflow edit ... && upload` must
+    not see success, and no staging folder (the staged frames) may stay behind."""
     import signal
     import time
 
@@ -457,15 +461,15 @@ def test_ctrl_c_during_the_inversion_exits_130_with_one_line_and_writes_nothing(
             while "inversion:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert proc.poll() is None, log.read_text()  # 999 inversion steps: still inverting
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(getattr(signal, signal_name))
             stdout, _ = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
     stderr = log.read_text()
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     assert "Traceback" not in stderr
-    assert stderr.replace("\r", "\n").strip().splitlines()[-1] == "tokenflow: interrupted; no output was written"
+    assert stderr.replace("\r", "\n").strip().splitlines()[-1] == f"tokenflow: {word}; no output was written"
     assert stdout == ""
     assert not out.exists() and not list(tmp_path.glob(".out*"))  # no output, no staging folder left behind
 

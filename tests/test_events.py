@@ -141,3 +141,31 @@ def test_progress_true_draws_bars_and_a_callable_receives_events(tiny_model, pan
     assert capsys.readouterr().err == ""  # a callable replaces the bars
     with pytest.raises(TypeError, match="progress"):
         invert_frames(tiny_model, pan6[:2], steps=2, inversion_steps=2, reconstruct=False, progress="yes")
+
+
+def test_the_staging_folder_of_a_run_that_died_is_removed_by_the_next_one(pan_clip, tiny_model_dir, tmp_path,
+                                                                          caplog):
+    """A run killed with SIGKILL cannot clean up: the next run into the same place removes its staging folder
+    (a dead process's, on this machine), and only that one."""
+    import json
+    import logging
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    host = socket.gethostname()
+    stale, live, foreign = (tmp_path / ".out.dead1234", tmp_path / ".out.live5678", tmp_path / ".out.other")
+    for folder, owner in ((stale, {"pid": dead_pid, "host": host}), (live, {"pid": os.getpid(), "host": host}),
+                          (foreign, None)):
+        (folder / ".work").mkdir(parents=True)
+        (folder / ".work" / "frames.rgb").write_bytes(b"\0" * 1024)
+        if owner is not None:
+            (folder / ".work" / "owner.json").write_text(json.dumps(owner))
+    with caplog.at_level(logging.WARNING, logger="tokenflow"):
+        edit_video(_options(pan_clip, tiny_model_dir, tmp_path, steps=1, inversion_steps=1, check_frames=0))
+    assert not stale.exists() and live.exists() and foreign.exists()
+    assert f"process {dead_pid} is gone" in caplog.text and str(stale) in caplog.text
+    assert (tmp_path / "out" / "edited.mp4").is_file()

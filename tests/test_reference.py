@@ -146,6 +146,7 @@ def cli_runs(tmp_path_factory):
                 "--model", str(GOLDEN / "model"),
                 "--size", str(SETTINGS["height"]),
                 "--steps", str(len(edit["timesteps"])),
+                "--inversion", "ddim",  # the reference's scheme
                 "--inversion-steps", str(SETTINGS["inversion"]["steps"]),
                 "--batch-size", str(edit["batch_size"]),
                 "--guidance-scale", str(edit["guidance_scale"]),

@@ -22,6 +22,25 @@ from .errors import InputError, TokenFlowError
 logger = logging.getLogger("tokenflow")
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
+TERMINATED = 143  # ... and by SIGTERM (128 + 15)
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so the run unwinds as for Ctrl-C: staging folder removed, the
+    inversion's finished batches kept in the cache for the next run."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _handle_sigterm() -> None:
+    import signal
+
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (main() called from a worker thread): keep the default
+        pass
 
 app = typer.Typer(
     add_completion=False,
@@ -231,8 +250,10 @@ def _as_flags(message: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2; no traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _handle_sigterm()
     _setup_logging(quiet="--quiet" in argv or "-q" in argv)
     command = typer.main.get_command(app)
+    terminated = False
     try:
         default_map = _default_map(command, argv)
         if any(values.get("quiet") is True for values in (default_map or {}).values()):
@@ -249,12 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("tokenflow: interrupted; no output was written", err=True)
         return INTERRUPTED
+    except _Terminated:
+        # said after this block: its traceback (and the progress bars its frames hold, which redraw on closing)
+        # is released first
+        terminated = True
     except Exception as exc:
         if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
             raise
         # a usage error (unknown option, bad value, missing argument) from click or typer's copy of it
         click.echo(f"tokenflow: error: {' '.join(exc.format_message().split())}", err=True)
         return exc.exit_code
+    if terminated:
+        click.echo("tokenflow: terminated; no output was written", err=True)
+        return TERMINATED
     # typer turns a KeyboardInterrupt into a *returned* 130 under standalone_mode=False (its click raises Abort);
     # `tokenflow batch` reports its own interruption (what was cancelled, what was kept)
     if result == INTERRUPTED and next((a for a in argv if a in command.commands), None) != "batch":

@@ -33,7 +33,7 @@ from .inversion import InversionCache, SourceLatents, invert_frames
 from .inversion.ddim import ddim_transition, implied_noise, noised
 from .keyframes import RandomKeyframes, make_schedule
 from .modes import get_mode
-from .options import DEFAULT_NEGATIVE_PROMPT, EditConfig
+from .options import DEFAULT_NEGATIVE_PROMPT, EditConfig, resolve_inversion
 from .backbones import DEFAULT_MODEL, Backbone, TextConditioning, load_model
 
 logger = logging.getLogger(__name__)
@@ -69,19 +69,23 @@ class TokenFlowEditor:
         frames: torch.Tensor,
         inversion_prompt: str = "",
         steps: int = 50,
-        inversion_steps: int = 500,
+        inversion_steps: int | None = None,
         batch_size: int = 8,
         cache: InversionCache | None = None,
         reconstruct: bool = True,
         progress: bool | ProgressCallback | None = True,
         on_cache_hit: Callable | None = None,
         cancel: CancelToken | None = None,
+        inversion: str = "fixed-point",
+        refinements: int = 1,
+        check_frames: int | None = None,
     ) -> SourceLatents:
         """DDIM-invert uint8 frames ``[N,H,W,3]`` (already at the working size); see :func:`invert_frames`.
 
-        Calls from several threads take turns on the model (one at a time)."""
-        if inversion_steps < 1:
-            raise InputError(f"`inversion_steps` {inversion_steps}: must be at least 1")
+        ``inversion``: ``fixed-point`` (default: on the editing grid, ``refinements`` fixed-point iterations per
+        step) or ``ddim`` (plain, ``inversion_steps`` default 500: the reference's); ``check_frames``: frames the
+        reconstruction check samples (default: all). Calls from several threads take turns on the model."""
+        inversion_steps, refinements = resolve_inversion(inversion, steps, inversion_steps, refinements)
         with self.model.lock:
             return invert_frames(
                 self.model,
@@ -95,6 +99,8 @@ class TokenFlowEditor:
                 progress=progress,
                 on_cache_hit=on_cache_hit,
                 cancel=cancel,
+                refinements=refinements,
+                check_frames=check_frames,
             )
 
     # -- the loop ---------------------------------------------------------------------------------------------

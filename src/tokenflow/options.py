@@ -61,6 +61,25 @@ def flag_name(name: str) -> str:
 _FIELD_REFERENCE = re.compile(r"`([a-z][a-z0-9_]*)`")
 
 
+INVERSION_SCHEMES = ("fixed-point", "ddim")
+REFERENCE_INVERSION_STEPS = 500  # the reference's preprocessing
+
+
+def resolve_inversion(scheme: str, steps: int, inversion_steps: int | None, refinements: int) -> tuple[int, int]:
+    """(inversion steps, refinements per step) of an inversion scheme: ``fixed-point`` inverts on the editing grid
+    (``steps``) unless told otherwise, each step refined ``refinements`` times; ``ddim`` is plain DDIM inversion,
+    500 steps unless told otherwise (the reference's preprocessing)."""
+    if scheme not in INVERSION_SCHEMES:
+        raise InputError(f"`inversion` {scheme!r}: unknown; use {' or '.join(INVERSION_SCHEMES)}")
+    if inversion_steps is not None and inversion_steps < 1:
+        raise InputError(f"`inversion_steps` {inversion_steps}: must be at least 1")
+    if refinements < 0:
+        raise InputError(f"`inversion_refinements` {refinements}: must be 0 or more")
+    if scheme == "ddim":
+        return (inversion_steps or REFERENCE_INVERSION_STEPS), 0
+    return (inversion_steps or steps), refinements
+
+
 def rename_fields(message: str, rename: Callable[[str], str]) -> str:
     """``message`` with every option reference (a field name in backticks) replaced by ``rename(name)``."""
     return _FIELD_REFERENCE.sub(lambda m: rename(m.group(1)), message)
@@ -231,7 +250,22 @@ class RunOptions(EditConfig):
         1, help="Take every STRIDE-th frame (output fps = source fps / stride).", commands=("edit", "invert"),
         help_for={"invert": "Take every STRIDE-th frame."},
     )
-    inversion_steps: int = option(500, help="DDIM inversion steps.", commands=("edit", "invert"))
+    inversion: str = option(
+        "fixed-point", commands=("edit", "invert"),
+        help="Inversion scheme: fixed-point (DDIM on the editing grid, each step refined; fast, near exact) or ddim "
+             "(plain DDIM, the reference's; with --inversion-steps 500 it is the reference).",
+    )
+    inversion_steps: int | None = option(
+        None, type=Optional[int], commands=("edit", "invert"),
+        help="Inversion steps (default: the editing steps for fixed-point, 500 for ddim).",
+    )
+    inversion_refinements: int = option(
+        1, help="Fixed-point iterations per inversion step (--inversion fixed-point).", commands=("edit", "invert")
+    )
+    check_frames: int = option(
+        4, help="Frames the inversion's reconstruction check samples, evenly spaced (0: no check).",
+        commands=("edit", "invert"),
+    )
     device: str = option("auto", help="auto, cpu, cuda or mps.", commands=("edit", "invert"))
     dtype: str = option("auto", help="auto, float32, float16 or bfloat16.", commands=("edit", "invert"))
     cache_dir: str | Path | None = option(
@@ -264,6 +298,10 @@ class RunOptions(EditConfig):
         None, type=Optional[str], help="CPU offload for small GPUs: model or sequential.", commands=("edit", "invert")
     )
 
+    def inversion_plan(self) -> tuple[int, int]:
+        """(inversion steps, fixed-point refinements per step) of this run's scheme."""
+        return resolve_inversion(self.inversion, self.steps, self.inversion_steps, self.inversion_refinements)
+
     def edit_config(self) -> EditConfig:
         """The editing loop's options: every :class:`EditConfig` field of this run."""
         return EditConfig(**{f.name: getattr(self, f.name) for f in fields(EditConfig)})
@@ -274,8 +312,9 @@ class RunOptions(EditConfig):
             self.edit_config().check_inputs()
         if self.size is not None and self.size < 8 * MIN_LATENT_SIDE:
             raise InputError(f"`size` {self.size} is too small for Stable Diffusion; use `size` 64 or more (512 is native)")
-        if self.inversion_steps < 1:
-            raise InputError(f"`inversion_steps` {self.inversion_steps}: must be at least 1")
+        resolve_inversion(self.inversion, self.steps, self.inversion_steps, self.inversion_refinements)
+        if self.check_frames < 0:
+            raise InputError(f"`check_frames` {self.check_frames}: must be 0 (no check) or more")
         if self.steps < 1:
             raise InputError(f"`steps` {self.steps}: must be at least 1")
         if self.batch_size < 1:

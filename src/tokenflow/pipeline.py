@@ -359,7 +359,7 @@ class _TokenFlowMixin:
         config: EditConfig | None,
         height: int | None,
         width: int | None,
-        num_inversion_steps: int,
+        num_inversion_steps: int | None,
         output_type: str = "pil",
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -368,7 +368,7 @@ class _TokenFlowMixin:
         """Raise a ``ValueError`` (:class:`~tokenflow.errors.InputError`) naming the first bad argument."""
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"`output_type` {output_type!r}: unknown; use one of {list(OUTPUT_TYPES)}")
-        if not isinstance(num_inversion_steps, int) or num_inversion_steps < 1:
+        if num_inversion_steps is not None and (not isinstance(num_inversion_steps, int) or num_inversion_steps < 1):
             raise InputError(f"`num_inversion_steps` {num_inversion_steps!r}: must be at least 1")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise InputError("`callback_on_step_end` must be callable as (pipe, step, timestep, callback_kwargs)")
@@ -427,16 +427,20 @@ class _TokenFlowMixin:
         return not getattr(self, "_progress_bar_config", {}).get("disable", False)
 
     def _invert(
-        self, model, frames: np.ndarray, inversion_prompt, num_inference_steps, num_inversion_steps, batch_size,
+        self, model, frames: np.ndarray, inversion_prompt, num_inference_steps, inversion: tuple, batch_size,
         cache_dir, reconstruct,
     ) -> SourceLatents:
+        """``inversion``: (scheme, inversion steps or None, refinements)."""
         cache = InversionCache(cache_dir) if cache_dir is not None else None
+        scheme, num_inversion_steps, refinements = inversion
         with _named_arguments():
             return TokenFlowEditor(model).invert(
                 torch.from_numpy(frames),
                 inversion_prompt=inversion_prompt,
                 steps=num_inference_steps,
+                inversion=scheme,
                 inversion_steps=num_inversion_steps,
+                refinements=refinements,
                 batch_size=batch_size,
                 cache=cache,
                 reconstruct=reconstruct,
@@ -449,12 +453,14 @@ class _TokenFlowMixin:
         video: Any,
         inversion_prompt: str = "",
         num_inference_steps: int = 50,
-        num_inversion_steps: int = 500,
+        num_inversion_steps: int | None = None,
         height: int | None = None,
         width: int | None = None,
         batch_size: int = 8,
         cache_dir: str | Path | None = None,
         reconstruct: bool = True,
+        inversion: str = "fixed-point",
+        inversion_refinements: int = 1,
     ) -> SourceLatents:
         r"""
         DDIM-invert a video: the source latents an edit starts from (pass them back as ``source_latents=``).
@@ -463,13 +469,17 @@ class _TokenFlowMixin:
             video: as for ``__call__``.
             inversion_prompt (`str`): a description of the source video (``""`` works).
             num_inference_steps (`int`): the editing schedule the latents are saved for; edit with the same.
-            num_inversion_steps (`int`): DDIM inversion steps (finer than the editing schedule).
+            num_inversion_steps (`int`, *optional*): inversion steps (default: ``num_inference_steps`` for
+                ``inversion="fixed-point"``, 500 for ``"ddim"``).
             height, width (`int`, *optional*): the working size; defaults to the video's own size.
             batch_size (`int`): frames per UNet/VAE call.
             cache_dir (`str` or `Path`, *optional*): keep inversions on disk, keyed by frames, model, prompt and
                 steps (the CLI's ``--cache-dir``): a second call with the same inputs reads them back.
             reconstruct (`bool`): sample the inversion back and log its PSNR (a bad reconstruction predicts a bad
                 edit).
+            inversion (`str`): ``"fixed-point"`` (DDIM on the editing grid, each step refined
+                ``inversion_refinements`` times: fast and near exact) or ``"ddim"`` (plain, the reference's).
+            inversion_refinements (`int`): fixed-point iterations per inversion step.
 
         Returns:
             [`~tokenflow.inversion.SourceLatents`]
@@ -483,8 +493,9 @@ class _TokenFlowMixin:
         frames = self._frames(video, height, width)
         model = self.tokenflow_model(exact_identity=cache_dir is not None)
         with self._frozen(), self._vae_upcast():
-            source = self._invert(model, frames, inversion_prompt, num_inference_steps, num_inversion_steps,
-                                  batch_size, cache_dir, reconstruct)
+            source = self._invert(model, frames, inversion_prompt, num_inference_steps,
+                                  (inversion, num_inversion_steps, inversion_refinements), batch_size, cache_dir,
+                                  reconstruct)
         self.maybe_free_model_hooks()
         return source
 
@@ -571,12 +582,14 @@ class _TokenFlowMixin:
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
-        num_inversion_steps: int = 500,
+        num_inversion_steps: int | None = None,
         guidance_scale: float = 7.5,
         generator: torch.Generator | list[torch.Generator] | None = None,
         source_latents: SourceLatents | None = None,
         cache_dir: str | Path | None = None,
         reconstruct: bool = True,
+        inversion: str = "fixed-point",
+        inversion_refinements: int = 1,
         batch_size: int = 8,
         pnp_attn_t: float = 0.5,
         pnp_f_t: float = 0.8,
@@ -618,13 +631,16 @@ class _TokenFlowMixin:
                 The frames are resized to cover it and center-cropped. SD 2.1-base works best with a short side
                 of 512.
             num_inference_steps (`int`, defaults to 50): DDIM steps of the edit.
-            num_inversion_steps (`int`, defaults to 500): DDIM steps of the inversion.
+            num_inversion_steps (`int`, *optional*): steps of the inversion (default: ``num_inference_steps`` for
+                ``inversion="fixed-point"``, 500 for ``"ddim"``).
             guidance_scale (`float`, defaults to 7.5): classifier-free guidance scale.
             generator (`torch.Generator`, *optional*): the random keyframe draws (default: seeded by ``seed``).
             source_latents ([`~tokenflow.inversion.SourceLatents`], *optional*): from [`~TokenFlowPipeline.invert`]
                 with the same ``num_inference_steps`` and size; skips the inversion.
             cache_dir (`str` or `Path`, *optional*): the on-disk inversion cache (the CLI's ``--cache-dir``).
             reconstruct (`bool`): when inverting, sample the inversion back and log its PSNR.
+            inversion (`str`, defaults to ``"fixed-point"``), inversion_refinements (`int`, defaults to 1): the
+                inversion scheme, as for [`~TokenFlowPipeline.invert`].
             batch_size, pnp_attn_t, pnp_f_t, mode, strength, pnp, propagation, blending, keyframes, keyframe_window,
             anchors, keyframe_batch, offload_cache, seed: TokenFlow's options, as in
                 [`~tokenflow.editor.EditConfig`] and the CLI (``--batch-size`` is ``batch_size``...). ``mode``:
@@ -683,11 +699,12 @@ class _TokenFlowMixin:
         self._guidance_scale = guidance_scale
 
         with self._frozen():
-            return self._edit(video, config, height, width, num_inversion_steps, generator, source_latents,
+            return self._edit(video, config, height, width, (inversion, num_inversion_steps, inversion_refinements),
+                              generator, source_latents,
                               cache_dir, reconstruct, conditioning_frames, output_type, return_dict,
                               callback_on_step_end, callback_on_step_end_tensor_inputs)
 
-    def _edit(self, video, config: EditConfig, height, width, num_inversion_steps, generator, source_latents,
+    def _edit(self, video, config: EditConfig, height, width, inversion: tuple, generator, source_latents,
               cache_dir, reconstruct, conditioning_frames, output_type, return_dict, callback_on_step_end,
               callback_on_step_end_tensor_inputs):
         """Steps 2-7 of ``__call__`` (its inputs checked)."""
@@ -703,7 +720,7 @@ class _TokenFlowMixin:
         with self._vae_upcast():
             if source_latents is None:
                 source_latents = self._invert(model, frames, config.inversion_prompt, num_inference_steps,
-                                              num_inversion_steps, batch_size, cache_dir, reconstruct)
+                                              inversion, batch_size, cache_dir, reconstruct)
             else:
                 self._check_source(source_latents, frames, height, width)
 

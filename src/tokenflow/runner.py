@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -117,7 +118,10 @@ def _invert(editor: TokenFlowEditor, frames: FrameStore, options: RunOptions, ti
         frames,
         inversion_prompt=options.inversion_prompt,
         steps=options.steps,
+        inversion=options.inversion,
         inversion_steps=options.inversion_steps,
+        refinements=options.inversion_refinements,
+        check_frames=options.check_frames,
         batch_size=options.batch_size,
         cache=InversionCache(options.cache_dir),
         progress=progress,
@@ -194,12 +198,14 @@ def edit_video(
     progress = _progress(options, progress)
     out_dir = Path(options.out) if options.out is not None else _default_out(options)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_staging(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
     work = staging / ".work"
     work.mkdir()
+    (work / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     stores: list[FrameStore] = []
     try:
         editor, frames, info, timings = _prepare(options, editor, lambda: work,
@@ -330,6 +336,37 @@ def _run_report(options, editor, info, frames, fps, source, cache_hit, result: E
         unet_frame_evaluations=result.unet_frame_evaluations,
         timings={k: round(v, 3) for k, v in timings.items()},
     )
+
+
+OWNER = "owner.json"  # in a staging folder's .work/: which process stages there
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):  # someone else's process, or not a pid: leave it be
+        return True
+    return True
+
+
+def _remove_dead_staging(out_dir: Path) -> None:
+    """Remove the staging folders beside ``out_dir`` of runs on this machine whose process is gone (killed by
+    SIGKILL, the OOM killer, a power cut: no chance to clean up), each with one log line; they hold the staged
+    frames, gigabytes for a long clip. A folder without an owner record, or a live owner's, is left alone."""
+    host = socket.gethostname()
+    for folder in out_dir.parent.glob(f".{out_dir.name}.*"):
+        try:
+            owner = json.loads((folder / ".work" / OWNER).read_text())
+            pid = int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if owner.get("host") != host or _alive(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.warning("removed %s: the staging folder of an earlier run that did not finish (process %d is gone)",
+                       folder, pid)
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:

@@ -563,6 +563,7 @@ def build_ui(app: EditorApp):
                     steps = gr.Number(values["steps"], label="Steps", precision=0, minimum=1, maximum=MAX_STEPS,
                                       elem_id="tf-steps")
                     inversion_steps = gr.Number(values["inversion_steps"], label="Inversion steps", precision=0,
+                                                info="empty: the editing steps (fixed-point inversion)",
                                                 minimum=1, maximum=MAX_STEPS, elem_id="tf-inversion-steps")
                     guidance_scale = gr.Number(values["guidance_scale"], label="Guidance scale", minimum=0,
                                                elem_id="tf-guidance")
@@ -672,7 +673,7 @@ def build_ui(app: EditorApp):
             inversion_prompt: str = values["inversion_prompt"],
             mode: str = defaults.mode,
             steps: int = values["steps"],
-            inversion_steps: int = values["inversion_steps"],
+            inversion_steps: int | None = values["inversion_steps"],
             guidance_scale: float = values["guidance_scale"],
             batch_size: int = values["batch_size"],
             size: int | None = values["size"],
@@ -703,17 +704,18 @@ def build_ui(app: EditorApp):
             def on_progress(event: ProgressEvent) -> None:
                 progress(event.fraction, desc=progress_text(event))
 
-            numbers = dict(steps=steps, inversion_steps=inversion_steps, guidance_scale=guidance_scale,
+            numbers = dict(steps=steps, guidance_scale=guidance_scale,
                            batch_size=batch_size, seed=seed, start=start, stride=stride, pnp_attn_t=pnp_attn_t,
                            pnp_f_t=pnp_f_t, anchors=anchors, controlnet_scale=controlnet_scale, canny_low=canny_low,
                            canny_high=canny_high)
             try:
                 for name, value in numbers.items():
                     if value is None:
-                        raise InputError(f"--{name.replace('_', '-')} is empty; enter a number")
+                        raise InputError(f"`{name}` is empty; enter a number")
                 params = dict(
                     video=video, prompt=prompt, negative_prompt=negative_prompt or "",
                     inversion_prompt=inversion_prompt or "", mode=mode, size=_unset(size, int),
+                    inversion_steps=_unset(inversion_steps, int),  # empty: the scheme's default
                     propagation=propagation, strength=_unset(strength, float), max_frames=_unset(max_frames, int),
                     evaluate=bool(evaluate), blending=blending, keyframes=keyframes,
                     keyframe_window=str(keyframe_window or "auto").strip(),

@@ -17,7 +17,7 @@ import torch
 from ..correspondence import consecutive_runs
 from ..events import CancelToken, ProgressCallback, Tracker, as_progress
 from ..backbones import Backbone, TextConditioning
-from .check import _log_psnr, _psnr_from_error, _reconstruction_error
+from .check import _log_psnr, _psnr_from_error, _reconstruction_error, check_sample
 from .ddim import _invert_batch, _inversion_bar
 from .source import SourceLatents
 from .storage import (INDEX, CorruptLatents, LatentStore, Shard, finish_store, parse_shard_name, replace_folder,
@@ -191,6 +191,7 @@ class InversionCache:
         progress: bool | ProgressCallback | None = True,
         cancel: CancelToken | None = None,
         refinements: int = 0,
+        check_frames: int | None = None,
     ) -> SourceLatents:
         """Encode, invert and (optionally) reconstruct ``frames`` into the entry for ``key``, resumably.
 
@@ -237,9 +238,11 @@ class InversionCache:
                           refinements=refinements)
             partial.write_batch(a, z, kept)
         psnr_value = None
-        if reconstruct:
-            psnr_value = self._reconstruct(partial, model, cond, batch_size, progress, cancel)
-        path = partial.finish(self.path(key), dict(info or {}, reconstruction_psnr=psnr_value))
+        sample = check_sample(n, check_frames) if reconstruct else []
+        if sample:
+            psnr_value = self._reconstruct(partial, model, cond, batch_size, progress, cancel, sample)
+        info = dict(info or {}, reconstruction_psnr=psnr_value, check_frames=len(sample))
+        path = partial.finish(self.path(key), info)
         self._legacy_path(key).unlink(missing_ok=True)
         source = self.load(key)
         if source is None:
@@ -254,9 +257,12 @@ class InversionCache:
             (self.root / f"{key}.progress.json").unlink(missing_ok=True)
         return _PartialEntry(folder, model, frames, save)
 
-    def _reconstruct(self, partial: "_PartialEntry", model, cond, batch_size, progress, cancel) -> float:
-        n = partial.frames
-        done = partial.reconstructed
+    def _reconstruct(self, partial: "_PartialEntry", model, cond, batch_size, progress, cancel,
+                     sample: list[int]) -> float:
+        """The reconstruction check of the frames in ``sample``, batch by batch; each batch's error is recorded
+        (``[i, j, error, values]``, positions in the sample), so an interrupted check resumes."""
+        n = len(sample)
+        done = [entry for entry in partial.reconstructed if entry[1] <= n]
         todo = _todo(n, batch_size, done)
         source = None
         if todo:
@@ -264,12 +270,12 @@ class InversionCache:
             source = SourceLatents(clean=store.columns["clean"], noisy=store.timesteps())  # lazy: a batch at a time
         bar = Tracker("reconstruction", n, progress, cancel, initial=n - sum(z - a for a, z in todo))
         for a, z in todo:
-            error, count = _reconstruction_error(model, source, cond, a, z)
+            error, count = _reconstruction_error(model, source, cond, sample[a:z])
             done.append([a, z, error, count])
             partial.record_reconstruction(done)
             bar.update(z - a)
         value = _psnr_from_error(sum(e[2] for e in done), sum(e[3] for e in done))
-        _log_psnr(value)
+        _log_psnr(value, n if n < partial.frames else None)
         return value
 
 

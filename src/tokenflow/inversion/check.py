@@ -15,7 +15,25 @@ from .source import SourceLatents
 
 logger = logging.getLogger("tokenflow.inversion")
 
-__all__ = ["psnr", "reconstruction_psnr"]
+__all__ = ["psnr", "reconstruction_psnr", "check_sample", "LOW_PSNR"]
+
+# Below this the reconstruction check warns: on the micro trained model plain 50-step DDIM inversion reconstructs at
+# 39.5 dB, the reference's 500 steps at 41.6 dB and one fixed-point refinement at 55.5 dB (benchmarks/README.md);
+# a source that comes back under 25 dB differs from its frames at a glance (a heuristic: not yet measured on full
+# SD checkpoints, which no session here could download), and so will the edit's structure.
+LOW_PSNR = 25.0
+
+
+def check_sample(n: int, count: int | None) -> list[int]:
+    """The frames the reconstruction check samples: ``count`` evenly spaced over ``n`` (first and last included;
+    ``None`` or ``count >= n``: all of them; ``0``: none)."""
+    if count is None or count >= n:
+        return list(range(n))
+    if count <= 0:
+        return []
+    if count == 1:
+        return [n // 2]
+    return sorted({round(i * (n - 1) / (count - 1)) for i in range(count)})
 
 
 def _squared_error(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -28,14 +46,13 @@ def _reconstruction_error(
     model: Backbone,
     source: SourceLatents,
     cond: TextConditioning,
-    start: int,
-    stop: int,
+    frames: list[int],
 ) -> tuple[int, int]:
-    """(squared error, values) of frames ``start:stop`` decoded after reconstruction vs the VAE round trip."""
+    """(squared error, values) of ``frames`` decoded after reconstruction vs the VAE round trip."""
     path = sorted(source.noisy, reverse=True)
-    recon = _reconstruct_batch(model, source.noisy[path[0]][start:stop], cond, path)
+    recon = _reconstruct_batch(model, source.noisy[path[0]][frames], cond, path)
     decoded = model.decode_latents(recon)
-    reference = model.decode_latents(source.clean[start:stop])
+    reference = model.decode_latents(source.clean[frames])
     return _squared_error(decoded, reference), reference.numel()
 
 
@@ -57,17 +74,26 @@ def reconstruction_psnr(
     batch_size: int = 8,
     progress: bool | ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    frames: list[int] | None = None,
 ) -> float:
-    """PSNR of the frames sampled back from the noisiest latents against the VAE round trip, a batch at a time."""
-    n = source.clean.shape[0]
-    bar = Tracker("reconstruction", n, as_progress(progress), cancel)
+    """PSNR of the frames sampled back from the noisiest latents against the VAE round trip, a batch at a time;
+    ``frames``: only these (default: all)."""
+    frames = list(range(source.clean.shape[0])) if frames is None else list(frames)
+    bar = Tracker("reconstruction", len(frames), as_progress(progress), cancel)
     error = count = 0
-    for start in range(0, n, batch_size):
-        e, c = _reconstruction_error(model, source, cond, start, min(start + batch_size, n))
+    for start in range(0, len(frames), batch_size):
+        batch = frames[start : start + batch_size]
+        e, c = _reconstruction_error(model, source, cond, batch)
         error, count = error + e, count + c
-        bar.update(min(batch_size, n - start))
+        bar.update(len(batch))
     return _psnr_from_error(error, count)
 
 
-def _log_psnr(value: float) -> None:
-    logger.info("inversion reconstruction PSNR %.2f dB (against the VAE round trip)", value)
+def _log_psnr(value: float, frames: int | None = None) -> None:
+    sampled = f" on {frames} sampled frames" if frames is not None else ""
+    if value < LOW_PSNR:
+        logger.warning("inversion reconstruction PSNR %.2f dB%s, below %.0f dB: the inverted source does not come "
+                       "back as the frames, and edits will lose its structure; use --inversion fixed-point (with "
+                       "more --inversion-refinements) or float32", value, sampled, LOW_PSNR)
+    else:
+        logger.info("inversion reconstruction PSNR %.2f dB%s (against the VAE round trip)", value, sampled)

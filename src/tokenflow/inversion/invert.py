@@ -11,7 +11,7 @@ import torch
 from ..events import CancelToken, ProgressCallback, as_progress
 from ..backbones import Backbone
 from .cache import InversionCache
-from .check import _log_psnr, reconstruction_psnr
+from .check import _log_psnr, check_sample, reconstruction_psnr
 from ..errors import InputError
 from .ddim import ddim_invert, inversion_grid
 from .source import SourceLatents
@@ -35,6 +35,7 @@ def invert_frames(
     on_cache_hit: Callable[[Path], None] | None = None,
     cancel: CancelToken | None = None,
     refinements: int = 0,
+    check_frames: int | None = None,
 ) -> SourceLatents:
     """Encode uint8 frames ``[N,H,W,3]`` and DDIM-invert them, through ``cache`` when given.
 
@@ -47,7 +48,8 @@ def invert_frames(
     (stages ``inversion`` and ``reconstruction``); ``cancel``: checked after every UNet call, raises
     :class:`~tokenflow.events.Cancelled` (a cached inversion resumes from its last checkpoint next time).
     ``refinements``: fixed-point iterations per inversion step (0: plain DDIM inversion, the reference's scheme;
-    see :func:`~tokenflow.inversion.ddim._invert_batch`); part of the cache key.
+    see :func:`~tokenflow.inversion.ddim._invert_batch`); part of the cache key. ``check_frames``: the
+    reconstruction check samples this many evenly spaced frames (default: all; it costs one sampling pass each).
     """
     if refinements < 0:
         raise InputError(f"`inversion_refinements` {refinements}: must be 0 or more")
@@ -60,15 +62,19 @@ def invert_frames(
         clean = model.encode_frames(frames, batch_size)
         noisy = ddim_invert(model, clean, cond, grid, save, batch_size, progress, cancel, refinements)
         source = SourceLatents(clean=clean, noisy=noisy, info=info)
-        if reconstruct:
-            source.reconstruction_psnr = reconstruction_psnr(model, source, cond, batch_size, progress, cancel)
-            _log_psnr(source.reconstruction_psnr)
+        sample = check_sample(frames.shape[0], check_frames) if reconstruct else []
+        if sample:
+            source.reconstruction_psnr = reconstruction_psnr(model, source, cond, batch_size, progress, cancel,
+                                                             frames=sample)
+            _log_psnr(source.reconstruction_psnr, len(sample) if len(sample) < frames.shape[0] else None)
         return source
 
     key = InversionCache.key(frames, model, prompt, grid, save, refinements)
 
+    checked = reconstruct and check_frames != 0
+
     def usable(hit: SourceLatents | None) -> bool:
-        return hit is not None and (hit.reconstruction_psnr is not None or not reconstruct)
+        return hit is not None and (hit.reconstruction_psnr is not None or not checked)
 
     hit = cache.load(key)
     if not usable(hit):
@@ -77,11 +83,14 @@ def invert_frames(
             if hit is None:
                 hit = cache.invert(key, model, frames, cond, grid, save, batch_size=batch_size,
                                    reconstruct=reconstruct, info=info, progress=progress, cancel=cancel,
-                                   refinements=refinements)
+                                   refinements=refinements, check_frames=check_frames)
                 return hit
             if not usable(hit):  # inverted earlier without the reconstruction check: add it
-                hit.reconstruction_psnr = reconstruction_psnr(model, hit, cond, batch_size, progress, cancel)
-                _log_psnr(hit.reconstruction_psnr)
+                sample = check_sample(frames.shape[0], check_frames)
+                hit.reconstruction_psnr = reconstruction_psnr(model, hit, cond, batch_size, progress, cancel,
+                                                              frames=sample)
+                hit.info["check_frames"] = len(sample)
+                _log_psnr(hit.reconstruction_psnr, len(sample) if len(sample) < frames.shape[0] else None)
                 cache.store(key, hit)
                 return cache.load(key)
     logger.info("inversion cache hit: %s", cache.location(key))
