@@ -436,6 +436,34 @@ def test_a_hub_model_that_is_not_cached_offline_is_one_line_saying_how_to_fix_it
     assert not out.exists()
 
 
+def test_the_hub_is_asked_once_briefly_and_not_at_all_offline(monkeypatch):
+    """Without network the hub client retries for half a minute; the loader asks the endpoint once (a real local
+    socket stands in for it here) and, under HF_HUB_OFFLINE=1, not at all."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from tokenflow.backbones.loading import hub_reachable
+
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(2)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    try:
+        assert hub_reachable()
+        server.accept()[0].close()  # it did connect
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert not hub_reachable()
+        server.settimeout(0.5)
+        with pytest.raises(socket.timeout):  # ... and offline it did not
+            server.accept()
+    finally:
+        server.close()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert not hub_reachable(timeout=1)  # nothing listens there now
+
+
 @pytest.mark.parametrize("signal_name, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
 def test_a_signal_during_the_inversion_exits_128_plus_it_with_one_line_and_writes_nothing(
     pan_clip, tiny_model_dir, tmp_path, signal_name, code, word

@@ -346,3 +346,13 @@ def test_pnp_injects_qk_and_residuals_on_exactly_the_first_timesteps_and_keeps_e
     assert schedule == sorted(schedule, reverse=True)
     assert [c["qk"] for c in calls] == [True] * 3 + [False] * 7
     assert [c["conv"] for c in calls] == [True] * 5 + [False] * 5
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_said_once_with_what_is_cut(model, caplog):
+    long = "a robot " * 20 + "made of gold"  # the tiny tokenizer: one token per letter of a word, 77 at most
+    with caplog.at_level(logging.WARNING, logger="tokenflow"):
+        model.condition([long, "a cat"], 64, 64)
+        model.condition([long], 64, 64)  # the inversion and the edit both encode it: one warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "more than the 77 the text encoder reads" in warnings[0], warnings
+    assert warnings[0].endswith("made of gold'")  # what the encoder never sees, so the edit ignores

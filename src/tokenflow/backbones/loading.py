@@ -120,6 +120,30 @@ def _is_xl_checkpoint(model: str, path: Path, revision, local_files_only: bool) 
     return "XL" in json.loads(index.read_text()).get("_class_name", "")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's endpoint accepts a connection within ``timeout`` seconds: False at once under
+    ``HF_HUB_OFFLINE=1``. Without network the hub client retries for half a minute before it gives up; this
+    asks once, briefly. Behind a proxy (``HTTPS_PROXY``/``ALL_PROXY``) a direct connection says nothing, so the
+    hub client is left to find out."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _load_pipeline(model: str, path: Path, revision, local_files_only: bool, kwargs: dict):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -170,6 +194,9 @@ def load_model(
     if looks_local and not path.exists():
         raise ModelLoadError(f"`model` {model}: no such file or folder; check the path, or pass a hub id")
     kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if not looks_local and not local_files_only and not hub_reachable():
+        logger.debug("the hub cannot be reached: looking for %s in the local cache only", model)
+        local_files_only = True
     try:
         pipe = _load_pipeline(model, path, revision, bool(local_files_only), kwargs)
     except ModelLoadError:

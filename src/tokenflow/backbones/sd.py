@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from .base import Backbone, Layers, TextConditioning
 from .unet_layers import LayerSelection, select_layers
+
+logger = logging.getLogger("tokenflow")
 
 __all__ = ["StableDiffusionModel"]
 
@@ -68,6 +71,7 @@ class StableDiffusionModel(Backbone):
     @torch.no_grad()
     def condition(self, prompts: list[str], height: int, width: int) -> TextConditioning:
         """UNet conditioning for each prompt, for frames of ``height x width`` pixels."""
+        warn_if_truncated(self.tokenizer, prompts)
         return TextConditioning(self.encode_text(prompts))
 
     def predict(self, latents: torch.Tensor, t, cond: TextConditioning, **extra) -> torch.Tensor:
@@ -108,3 +112,21 @@ class StableDiffusionModel(Backbone):
         return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+_warned: set[tuple[int, str]] = set()
+
+
+def warn_if_truncated(tokenizer, prompts: list[str]) -> None:
+    """Say, once per prompt and tokenizer, when a prompt is longer than the text encoder reads (CLIP: 77 tokens with
+    the start and end tokens) and what is cut: the encoder never sees it, so the edit would ignore it silently."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if tokenizer is None or not isinstance(limit, int) or limit > 100_000:
+        return
+    for prompt in prompts:
+        if (id(tokenizer), prompt) in _warned or not prompt:
+            continue
+        ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+        if len(ids) > limit:
+            _warned.add((id(tokenizer), prompt))
+            cut = tokenizer.decode(ids[limit - 1 : -1]).strip()
+            logger.warning("prompt %r is %d tokens, more than the %d the text encoder reads; it ignores: %r",
+                           prompt[:60] + ("..." if len(prompt) > 60 else ""), len(ids), limit, cut)

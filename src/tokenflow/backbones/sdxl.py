@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import TextConditioning
-from .sd import StableDiffusionModel
+from .sd import StableDiffusionModel, warn_if_truncated
 
 __all__ = ["StableDiffusionXLModel"]
 
@@ -24,6 +24,7 @@ class StableDiffusionXLModel(StableDiffusionModel):
     def condition(self, prompts: list[str], height: int, width: int) -> TextConditioning:
         """Both encoders' hidden states, the pooled embedding and the size micro-conditioning for frames of
         ``height x width`` (original size, crop top-left, target size: the frames as they are)."""
+        warn_if_truncated(self.tokenizer, prompts)
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
