@@ -387,9 +387,12 @@ def test_offloaded_propagation_matches_on_device_propagation_with_real_neighbour
 def test_lazy_source_latents_equal_the_in_memory_ones_and_edit_identically(
     model, frames, source, tmp_path, monkeypatch
 ):
-    lazy = invert_frames(model, frames, steps=3, inversion_steps=6, reconstruct=False, progress=False,
-                         cache=InversionCache(tmp_path))
+    cache = InversionCache(tmp_path)
+    lazy = invert_frames(model, frames, steps=3, inversion_steps=6, reconstruct=False, progress=False, cache=cache)
     assert lazy.lazy and not source.lazy
+    # a cache entry is a latents store like --save-latents' folder: the same loader reads it
+    (entry,) = cache.entries()
+    assert all(torch.equal(SourceLatents.from_file(entry).noisy[t], source.noisy[t]) for t in source.noisy)
     assert all(isinstance(v, LatentColumn) for v in lazy.noisy.values())
     assert sorted(lazy.noisy) == sorted(source.noisy) and lazy.noisiest == source.noisiest
     assert torch.equal(lazy.clean, source.clean)
