@@ -470,6 +470,10 @@ def test_a_latents_store_is_plain_safetensors_shards_with_a_checksummed_index(tm
     assert sorted(store.columns) == ["clean", "final", "t21"] and torch.equal(store.columns["t21"][1:3], data["t21"][1:3])
     lazy = SourceLatents.from_file(old, lazy=True)
     assert lazy.lazy and torch.equal(lazy.noisy[21][:], data["t21"]) and not SourceLatents.from_file(old).lazy
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty))
+    with pytest.raises(CorruptLatents, match="do not all hold frames"):  # no tensors: no frames, not a store
+        LatentStore.open(empty)
 
 
 def test_an_older_single_file_cache_entry_is_read_and_an_older_partial_discarded(model, frames, tmp_path, caplog):

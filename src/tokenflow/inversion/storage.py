@@ -197,9 +197,9 @@ class LatentStore:
                     info = json.loads((f.metadata() or {}).get("info", "{}"))
             except (OSError, SafetensorError, ValueError) as exc:
                 raise CorruptLatents(f"{shard.path}: not a readable safetensors file ({exc})") from None
-            rows = {shape[0] for shape, _, _ in these.values() if shape}
-            stop = shard.stop if shard.stop >= 0 else shard.start + (rows.pop() if len(rows) == 1 else 0)
-            if rows - {stop - shard.start} or any(not shape for shape, _, _ in these.values()):
+            rows = {shape[0] if shape else 0 for shape, _, _ in these.values()}
+            stop = shard.stop if shard.stop >= 0 else shard.start + (next(iter(rows)) if len(rows) == 1 else 0)
+            if rows != {stop - shard.start} or stop <= shard.start:  # also: no tensors, or 0-d ones
                 raise CorruptLatents(f"{shard.path}: its tensors do not all hold frames {shard.start}-{stop - 1}")
             shape_tail = {k: (s[1:], d) for k, (s, d, _) in these.items()}
             if specs is None:
