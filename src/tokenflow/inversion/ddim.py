@@ -13,7 +13,7 @@ from ..backbones import Backbone, TextConditioning
 from .storage import LatentColumn
 
 __all__ = ["inversion_grid", "ddim_invert", "ddim_reconstruct", "predicted_noise", "ddim_transition", "noised",
-           "implied_noise", "PREDICTION_TYPES"]
+           "implied_noise", "next_alphas", "PREDICTION_TYPES"]
 
 
 def _timesteps(model: Backbone, steps: int) -> list[int]:
@@ -63,6 +63,16 @@ def ddim_transition(x: torch.Tensor, eps: torch.Tensor, alpha_from, alpha_to) ->
     larger alpha, inversion to a smaller one (with ``eps`` predicted at the target level)."""
     x0 = (x - (1 - alpha_from) ** 0.5 * eps) / alpha_from**0.5
     return alpha_to**0.5 * x0 + (1 - alpha_to) ** 0.5 * eps
+
+
+def next_alphas(scheduler) -> dict:
+    """Timestep -> the noise level a sampling step from it goes to, for a scheduler whose ``set_timesteps`` was
+    called: the next timestep of its schedule, the last one to the final alpha."""
+    schedule = [int(t) for t in scheduler.timesteps]
+    alphas = scheduler.alphas_cumprod
+    out = {t: alphas[u] for t, u in zip(schedule, schedule[1:])}
+    out[schedule[-1]] = scheduler.final_alpha_cumprod
+    return out
 
 
 def noised(x0: torch.Tensor, eps: torch.Tensor, alpha) -> torch.Tensor:
