@@ -28,6 +28,7 @@ from common import machine_info
 HERE = Path(__file__).resolve().parent
 MICRO_DIR = HERE / "micro_model"
 MICRO_MODEL = MICRO_DIR / "model"
+NAMES = ("source", "tokenflow", "per-frame")
 
 
 def _run(args: list[str]) -> None:
@@ -62,8 +63,8 @@ def study(seed: int, shift: int, frames: int, work: Path, steps: int) -> dict:
     report = json.loads((features / "features.json").read_text())
     return dict(seed=seed, shift=shift, frames=frames, caption=meta["caption"], prompt=meta["edits"][0]["prompt"],
                 layer=report["layer"], timestep=report["timestep"], edit_seconds=seconds,
-                consistency={name: v["consistency"] for name, v in zip(("source", "tokenflow", "per-frame"),
-                                                                        report["videos"])},
+                consistency={name: v["consistency"] for name, v in zip(NAMES, report["videos"])},
+                along_source={name: v["consistency_along_source"] for name, v in zip(NAMES, report["videos"])},
                 sweep=json.loads((sweep / "sweep.json").read_text())["points"],
                 folders=dict(features=str(features), sweep=str(sweep)))
 
@@ -91,13 +92,15 @@ def main() -> None:
     shutil.copy(Path(first["features"]) / "slice.png", args.pictures / "features-slice.png")
     shutil.copy(Path(first["sweep"]) / "sweep.png", args.pictures / "features-sweep.png")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(dict(machine=machine_info(args.threads, {}), results=results), indent=1))
-    print("| seed | source | TokenFlow | per-frame PnP | edit s (TokenFlow / per-frame) |")
+    torch_facts = dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability())
+    machine = machine_info(args.threads, {"machine": torch_facts})
+    args.json.write_text(json.dumps(dict(machine=machine, results=results), indent=1))
+    print("| seed | measure | source | TokenFlow | per-frame PnP |")
     print("|---|---|---|---|---|")
     for r in results:
-        c = r["consistency"]
-        print(f"| {r['seed']} | {c['source']:.4f} | {c['tokenflow']:.4f} | {c['per-frame']:.4f} | "
-              f"{r['edit_seconds']['tokenflow']} / {r['edit_seconds']['none']} |")
+        for label, key in (("nearest-neighbour consistency", "consistency"), ("along the source", "along_source")):
+            c = r[key]
+            print(f"| {r['seed']} | {label} | {c['source']:.4f} | {c['tokenflow']:.4f} | {c['per-frame']:.4f} |")
     print("\n| distance | tokens | warp | frame 0 itself | J alone |")
     print("|---|---|---|---|---|")
     for p in results[0]["sweep"]:

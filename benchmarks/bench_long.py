@@ -138,6 +138,9 @@ def run_worker(spec_path: Path) -> None:
         result["unet_frame_evaluations"] = int(run.report["unet_frame_evaluations"])
         result["keyframes_per_step"] = len(run.report["keyframes"][0]) if run.report["keyframes"] else 0
         result["width"], result["height"] = run.width, run.height
+        entries = [e for e in cache.iterdir() if e.is_dir() and not e.name.startswith(".")]
+        result["cache_bytes"] = sum(f.stat().st_size for e in entries for f in e.rglob("*") if f.is_file())
+        result["cache_bytes_per_frame"] = result["cache_bytes"] / (spec["frames"] + 8)  # + the warm-up's 8 frames
 
         frames = np.load(work / "frames.npy")
         edited, _ = load_frames(run.out_dir / "edited.mp4")
@@ -244,6 +247,7 @@ def tables(report: dict) -> str:
             f"{_fmt(r.get('cuda_peak_mb'), 0)} | {_fmt(tf['warp_cut'])} | {_fmt(tf['warp_elsewhere'])} | "
             f"{_fmt(floor['warp_cut'])} / {_fmt(floor['warp_elsewhere'])} |"
         )
+    lines += _growth_lines(report["runs"])
     chunked = [r for r in report["runs"] if r.get("chunked")]
     if chunked:
         lines += ["", "Chunked comparison (independent edits of `batch_size * window` frames, same clip):", "",
@@ -253,6 +257,29 @@ def tables(report: dict) -> str:
             lines.append(f"| {r['spec']['model']} | {r['spec']['frames']} | {_fmt(a['warp_cut'])} / "
                          f"{_fmt(a['warp_elsewhere'])} | {_fmt(b['warp_cut'])} / {_fmt(b['warp_elsewhere'])} |")
     return "\n".join(lines)
+
+
+def _growth_lines(runs: list[dict]) -> list[str]:
+    """Host memory per extra frame, between consecutive frame counts of one model (the slope, free of the fixed
+    base), against a decoded float32 frame; and the inversion cache's bytes per frame."""
+    lines = ["", "Growth per extra frame (peak RSS over the RSS at start, between consecutive frame counts) and the "
+             "inversion cache on disk:", "",
+             "| model | frames | RSS growth per extra frame (KiB) | a float32 frame (KiB) | ratio | cache per frame (KiB) |",
+             "|---|---|---|---|---|---|"]
+    by_model: dict[str, list[dict]] = {}
+    for r in runs:
+        if "error" not in r:
+            by_model.setdefault(r["spec"]["model"], []).append(r)
+    for model, rs in by_model.items():
+        rs.sort(key=lambda r: r["spec"]["frames"])
+        for a, b in zip(rs, rs[1:]):
+            grown = (b["peak_rss_mb"] - b["rss_after_load_mb"]) - (a["peak_rss_mb"] - a["rss_after_load_mb"])
+            per_frame = grown * 1024 / (b["spec"]["frames"] - a["spec"]["frames"])
+            frame = b["width"] * b["height"] * 3 * 4 / 1024
+            cache = b.get("cache_bytes_per_frame")
+            lines.append(f"| {model} | {a['spec']['frames']} -> {b['spec']['frames']} | {per_frame:.1f} | {frame:.0f} | "
+                         f"{per_frame / frame:.3f} | {_fmt(None if cache is None else cache / 1024, 1)} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

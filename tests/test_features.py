@@ -19,6 +19,7 @@ from tokenflow.analysis import (
     field_displacement,
     fit_pca,
     frame_consistency,
+    frame_consistency_along,
     list_layers,
     nearest_neighbor_field,
     pca_rgb,
@@ -95,6 +96,19 @@ def test_consistency_is_one_for_a_shifted_copy_and_drops_with_per_frame_noise():
     noisy = still + 0.5 * torch.randn(still.shape, generator=g)
     assert feature_consistency(noisy) < 0.95
     assert feature_consistency(still[:1]) is None  # one frame has no next frame
+
+
+def test_consistency_along_the_source_catches_a_reshuffle_that_nearest_neighbours_miss():
+    """An 'edit' whose next frame holds the same tokens in another order (a texture re-invented in every frame)
+    keeps its nearest-neighbour consistency; along the source's correspondences it falls apart."""
+    source = _shifted_tokens(0)
+    order = torch.randperm(source.shape[1], generator=torch.Generator().manual_seed(4))
+    shuffled = torch.stack([source[0], source[1][order]])
+    assert feature_consistency(shuffled) == pytest.approx(1.0, abs=1e-6)
+    assert frame_consistency_along(source, source).tolist() == pytest.approx([1.0], abs=1e-6)
+    assert frame_consistency_along(shuffled, source).item() < 0.5  # random 16-d tokens: cosine about 0
+    with pytest.raises(ValueError):
+        frame_consistency_along(source[:, :10], source)
 
 
 def test_sweep_distances_grow_and_stay_inside_the_clip():
@@ -226,6 +240,7 @@ def test_features_command_writes_pca_video_slice_and_scores(tiny_model_dir, pan_
     assert source["frames"] == edited["frames"] == 6 and source["consistency_drop"] == 0
     # per-frame noise breaks the features' consistency even on a random model
     assert edited["consistency"] < source["consistency"] and edited["consistency_drop"] > 0
+    assert edited["consistency_along_source"] < source["consistency_along_source"]
     from tokenflow.io import load_frames
 
     for name in (source["pca"], edited["pca"]):

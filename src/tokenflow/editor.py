@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,7 @@ from .correspondence import linear_neighbors, reference_neighbors
 from .errors import InputError
 from .events import CancelToken, ProgressCallback, Tracker, as_progress
 from .inversion import InversionCache, SourceLatents, invert_frames
+from .io.disktensor import DiskTensor
 from .inversion.ddim import ddim_transition, implied_noise, next_alphas, noised
 from .keyframes import RandomKeyframes, make_schedule
 from .modes import get_mode
@@ -114,6 +116,7 @@ class TokenFlowEditor:
         control: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         cancel: CancelToken | None = None,
+        workspace: str | Path | None = None,
     ) -> EditOutput:
         """Edit the frames whose source latents are given. Deterministic for a given seed, inputs and machine.
 
@@ -132,13 +135,20 @@ class TokenFlowEditor:
         (stage ``editing``, in frames x steps); ``cancel``: checked after every UNet call, raises
         :class:`~tokenflow.events.Cancelled`.
 
+        ``workspace``: a folder for the loop's full-length arrays (the current and next latents, the start latent),
+        which then live in files read and written a batch at a time (:class:`~tokenflow.io.DiskTensor`) instead of
+        in memory, so host memory does not grow with the video (the same numbers: results are identical); the
+        returned ``latents`` are then a :class:`~tokenflow.io.DiskTensor` in it. Default: in memory.
+
         The processors live on the model's UNet for the length of the edit, so edits from several threads sharing a
         model take turns (one at a time), each with its own state.
         """
         with self.model.lock, torch.no_grad():
-            return self._edit(source, config, as_progress(progress), callback_on_step_end, control, generator, cancel)
+            return self._edit(source, config, as_progress(progress), callback_on_step_end, control, generator, cancel,
+                              None if workspace is None else Path(workspace))
 
-    def _edit(self, source, config, progress, callback_on_step_end, control, generator, cancel) -> EditOutput:
+    def _edit(self, source, config, progress, callback_on_step_end, control, generator, cancel,
+              workspace: Path | None) -> EditOutput:
         config.check_inputs()
         model = self.model
         started = time.perf_counter()
@@ -162,9 +172,8 @@ class TokenFlowEditor:
             return EditOutput(source.clean.clone(), [], [], 0, time.perf_counter() - started)
         alphas = scheduler.alphas_cumprod
         top = source.noisiest
-        eps = implied_noise(source.noisy[top][:], source.clean, alphas[top])
-        x = noised(source.clean, eps, alphas[timesteps[0]])
-        del eps  # one full-length array less for the rest of the edit
+        x = _start_latents(source, alphas[top], alphas[timesteps[0]], config.batch_size, workspace)
+        buffers = _Buffers(x, workspace)
         alpha_next = next_alphas(scheduler)
 
         factor = model.vae_scale_factor
@@ -195,19 +204,22 @@ class TokenFlowEditor:
                 inject = plan.injections[t]  # PnP gating is part of the step
                 src_t = source.noisy[t]
                 if config.propagation == "none":
-                    x = self._per_frame_step(run, x, src_t, t, config.batch_size, inject)
+                    x = self._per_frame_step(run, x, buffers.next(), src_t, t, config.batch_size, inject)
                     used_keyframes.append([])
                 else:
                     keyframes = schedule(step, n_frames)
                     _check_keyframes(keyframes, n_frames, config)
                     used_keyframes.append(list(keyframes))
-                    x = self._tokenflow_step(run, x, src_t, t, keyframes, config,
+                    x = self._tokenflow_step(run, x, buffers.next(), src_t, t, keyframes, config,
                                              chunks.calls(len(keyframes), step), window, inject)
                 state.cache.clear()
                 if callback_on_step_end is not None:
-                    replaced = callback_on_step_end(step, t, x)
+                    replaced = callback_on_step_end(step, t, x if workspace is None else x.load())
                     if replaced is not None:  # a callback may replace the latents (diffusers' convention)
-                        x = replaced.to(x.device, x.dtype)
+                        if workspace is None:
+                            x = replaced.to(x.device, x.dtype)
+                        else:
+                            x[:] = replaced
             state.reset()
         return EditOutput(
             latents=x,
@@ -220,9 +232,8 @@ class TokenFlowEditor:
         )
 
     @staticmethod
-    def _per_frame_step(run: "_StepRunner", x, src_t, t, batch_size, inject: Injection) -> torch.Tensor:
+    def _per_frame_step(run: "_StepRunner", x, out, src_t, t, batch_size, inject: Injection) -> torch.Tensor:
         """The per-frame PnP baseline: every frame edited on its own (plain self-attention), no propagation."""
-        out = torch.empty_like(x)
         call = FrameCall(inject)
         for start in range(0, x.shape[0], batch_size):
             idx = list(range(start, min(start + batch_size, x.shape[0])))
@@ -231,7 +242,7 @@ class TokenFlowEditor:
 
     @staticmethod
     def _tokenflow_step(
-        run: "_StepRunner", x, src_t, t, keyframes: list[int], config: EditConfig, calls: list["_KeyframeChunk"],
+        run: "_StepRunner", x, out, src_t, t, keyframes: list[int], config: EditConfig, calls: list["_KeyframeChunk"],
         window: int | None, inject: Injection,
     ) -> torch.Tensor:
         """One denoising step: the keyframe pass call by call, each followed by the propagation batches whose
@@ -240,7 +251,6 @@ class TokenFlowEditor:
         """
         state = run.state
         n_frames = x.shape[0]
-        out = torch.empty_like(x)
         if config.blending == "linear":
             # A keyframe is its own nearest neighbour, so its propagated result would equal its keyframe-pass
             # result: keep that and propagate only the other frames.
@@ -269,6 +279,40 @@ class TokenFlowEditor:
         if pending:
             raise RuntimeError(f"keyframe calls {calls} left {len(pending)} propagation batches without keyframes")
         return out
+
+
+def _start_latents(source: SourceLatents, alpha_top, alpha_start, batch_size: int, workspace: Path | None):
+    """The start latent: the clean latents re-noised to the first timestep run, with the noise implied by the
+    noisiest inverted latents (in memory, or a batch at a time into the workspace: the same elementwise maths)."""
+    top = source.noisiest
+    if workspace is None:
+        eps = implied_noise(source.noisy[top][:], source.clean, alpha_top)
+        return noised(source.clean, eps, alpha_start)
+    x = DiskTensor(workspace / "latents-start.f32", tuple(source.clean.shape))
+    n = source.clean.shape[0]
+    for start in range(0, n, max(1, batch_size)):
+        rows = slice(start, min(n, start + batch_size))
+        clean = source.clean[rows]
+        x[rows] = noised(clean, implied_noise(source.noisy[top][rows], clean, alpha_top), alpha_start)
+    return x
+
+
+class _Buffers:
+    """Where each step writes its next latents: a fresh tensor (in memory), or two files in the workspace used in
+    turn (never the one the step reads)."""
+
+    def __init__(self, x, workspace: Path | None):
+        self.workspace, self.shape = workspace, tuple(x.shape)
+        self._files: list[DiskTensor] = []
+        self._turn = 0
+
+    def next(self):
+        if self.workspace is None:
+            return torch.empty(self.shape)
+        if not self._files:
+            self._files = [DiskTensor(self.workspace / f"latents-{k}.f32", self.shape) for k in "ab"]
+        self._turn ^= 1
+        return self._files[self._turn]
 
 
 @dataclass

@@ -380,7 +380,8 @@ class AnalysisOptions(RunOptions):
     )
     edited: list[str] = option(
         type=list[Path], default_factory=list, commands=("features",),
-        help="An edited version of VIDEO, shown in the same PCA basis and scored against it; repeatable.",
+        help="An edited version of VIDEO (read from its first frame, at most --max-frames), shown in the same PCA "
+             "basis and scored against it; repeatable.",
     )
     row: int | None = option(
         None, type=Optional[int], commands=("features",),

@@ -240,7 +240,7 @@ def edit_video(
             timings["control_maps"] = time.perf_counter() - started
         source, cache_hit = _invert(editor, frames, options, timings, progress, cancel)
         config = options.edit_config()
-        result = editor.edit(source, config, progress=progress, control=control, cancel=cancel)
+        result = editor.edit(source, config, progress=progress, control=control, cancel=cancel, workspace=work)
         timings["edit"] = result.seconds
 
         started = time.perf_counter()

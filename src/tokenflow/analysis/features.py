@@ -15,7 +15,8 @@ import torch
 
 from ..correspondence import cosine_similarity, nearest_neighbors
 
-__all__ = ["PCABasis", "fit_pca", "pca_rgb", "frame_consistency", "feature_consistency", "nearest_neighbor_field",
+__all__ = ["PCABasis", "fit_pca", "pca_rgb", "frame_consistency", "feature_consistency",
+           "frame_consistency_along", "nearest_neighbor_field",
            "field_displacement", "warp_by_field", "upsample_nearest", "time_slice"]
 
 _QUANTILE_SAMPLE = 1 << 20  # torch.quantile's input limit is 2**24 values; a strided sample of this many is plenty
@@ -85,6 +86,21 @@ def feature_consistency(tokens: torch.Tensor) -> float | None:
     """The mean of :func:`frame_consistency` (``None`` for a single frame)."""
     per_frame = frame_consistency(tokens)
     return None if per_frame.numel() == 0 else float(per_frame.mean())
+
+
+def frame_consistency_along(tokens: torch.Tensor, correspondence: torch.Tensor) -> torch.Tensor:
+    """``[N - 1]``: for each frame, the mean cosine similarity of the next frame's tokens with the tokens of this
+    frame that ``correspondence`` (``[N, L, C]``: the source video's input tokens, TokenFlow's correspondences)
+    matches them to. Unlike :func:`frame_consistency`, which lets every token find its best match anywhere, this
+    asks whether the tokens move the way the source moves: an edit that re-invents a texture in every frame keeps
+    its nearest-neighbour similarity but loses this one."""
+    if tokens.shape[0] != correspondence.shape[0] or tokens.shape[1] != correspondence.shape[1]:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and correspondences {tuple(correspondence.shape)} differ")
+    out = []
+    for f in range(tokens.shape[0] - 1):
+        index = nearest_neighbors(correspondence[f + 1 : f + 2], correspondence[f : f + 1])[0]
+        out.append(torch.nn.functional.cosine_similarity(tokens[f + 1].float(), tokens[f][index].float(), dim=-1).mean())
+    return torch.stack(out) if out else torch.zeros(0)
 
 
 def nearest_neighbor_field(target: torch.Tensor, source: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -26,6 +26,7 @@ from ..runner import _default_out, _invert, _prepare, _progress, load_editor, st
 from .features import (
     fit_pca,
     frame_consistency,
+    frame_consistency_along,
     pca_rgb,
     time_slice,
     upsample_nearest,
@@ -87,7 +88,8 @@ def features_video(
     components as RGB; ``pca-edited-K.mp4`` per edited video), ``slice.png`` (one row over time, pixels and
     features) and ``features.json`` (``consistency`` per video: the mean cosine similarity of each frame's
     tokens, centred on the joint mean token, with their nearest neighbours in the next frame; ``consistency_drop``:
-    the source's minus the video's)."""
+    the source's minus the video's; ``consistency_along_source``, for videos as long as the source: the same
+    similarity along the source's own correspondences, :func:`~.features.frame_consistency_along`)."""
     options.check_inputs()
     progress = _progress(options, progress)
     out_dir = Path(options.out) if options.out is not None else _default_out(options, "features")
@@ -99,6 +101,9 @@ def features_video(
         height, width = frames.shape[1:3]
         factor = model.vae_scale_factor
         layer = _layer(model, options, height // factor, width // factor)
+        row = options.row if options.row is not None else height // 2
+        if row >= height:
+            raise InputError(f"`row` {row}: the working size is {width}x{height}; use 0..{height - 1}")
         videos = [dict(path=str(options.video), frames=frames, fps=info.fps / options.stride, pca="pca.mp4")]
         for k, path in enumerate(options.edited):
             edited = _stage_edited(Path(path), work / f"edited-{k}.rgb", width, height, options.max_frames)
@@ -110,20 +115,19 @@ def features_video(
                                              progress=progress, cancel=cancel)[layer]
         grid = videos[0]["tokens"].grid
         basis = fit_pca([v["tokens"].outputs for v in videos])
-        row = options.row if options.row is not None else height // 2
-        if row >= height:
-            raise InputError(f"`row` {row}: the working size is {width}x{height}; use 0..{height - 1}")
         slices = []
         for video in videos:
             tokens = video["tokens"]
-            colours = (upsample_nearest(pca_rgb(tokens.outputs, grid, basis), height, width) * 255).round()
-            colours = colours.to(torch.uint8).numpy()
-            _write_pca_video(staging / video["pca"], video["frames"], colours, video["fps"], options.batch_size)
-            per_frame = frame_consistency(tokens.outputs - basis.mean.float())
+            pixels, features = _write_pca_video(staging / video["pca"], video["frames"], tokens.outputs, grid, basis,
+                                                video["fps"], options.batch_size, row)
+            centred = tokens.outputs - basis.mean.float()
+            per_frame = frame_consistency(centred)
             video["consistency"] = None if per_frame.numel() == 0 else float(per_frame.mean())
             video["per_frame"] = [round(float(c), 6) for c in per_frame]
-            slices.append((Path(video["path"]).name, time_slice(torch.from_numpy(_all(video["frames"])), row).numpy(),
-                           time_slice(torch.from_numpy(colours), row).numpy()))
+            video["along"] = None
+            if tokens.inputs.shape[:2] == videos[0]["tokens"].inputs.shape[:2] and per_frame.numel():
+                video["along"] = float(frame_consistency_along(centred, videos[0]["tokens"].inputs).mean())
+            slices.append((_label(video["path"]), pixels, features))
         plot_slices(staging / "slice.png", slices, row, layer, timestep)
         base = videos[0]["consistency"]
         report = dict(
@@ -131,7 +135,8 @@ def features_video(
             explained_variance=[round(float(v), 6) for v in basis.explained],
             videos=[dict(path=v["path"], frames=int(v["frames"].shape[0]), consistency=v["consistency"],
                          consistency_drop=None if base is None or v["consistency"] is None
-                         else base - v["consistency"], per_frame_consistency=v["per_frame"], pca=v["pca"])
+                         else base - v["consistency"], consistency_along_source=v["along"],
+                         per_frame_consistency=v["per_frame"], pca=v["pca"])
                     for v in videos],
         )
         (staging / "features.json").write_text(json.dumps(report, indent=1))
@@ -142,16 +147,27 @@ def features_video(
     return FeaturesResult(out_dir, report)
 
 
-def _all(frames) -> np.ndarray:
-    return np.asarray(frames[0 : frames.shape[0]])
+def _label(path: str) -> str:
+    """A video's name in the figures: its folder and file (edits are often all called edited.mp4)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
-def _write_pca_video(path: Path, frames, colours: np.ndarray, fps: float, batch: int) -> None:
+def _write_pca_video(path: Path, frames, outputs: torch.Tensor, grid, basis, fps: float, batch: int, row: int):
+    """``pca.mp4``: each frame beside its tokens' PCA colours (upsampled to the frame), a batch at a time; returns
+    image row ``row`` of the frames and of the colours over time (``[N, W, 3]`` each)."""
     n, height, width = frames.shape[:3]
+    pixels, features = [], []
     with video_io.VideoWriter(path, fps, 2 * width, height) as out:
         for start in range(0, n, max(1, batch)):
-            for frame, colour in zip(frames[start : start + batch], colours[start : start + batch]):
+            images = np.asarray(frames[start : start + batch])
+            rgb = pca_rgb(outputs[start : start + batch], grid, basis)
+            colours = (upsample_nearest(rgb, height, width) * 255).round().to(torch.uint8).numpy()
+            for frame, colour in zip(images, colours):
                 out.write(video_io.side_by_side(frame, colour))
+            pixels.append(time_slice(images, row))
+            features.append(time_slice(colours, row))
+    return np.concatenate(pixels), np.concatenate(features)
 
 
 def sweep_distances(from_frame: int, frames: int, farthest: int | None = None) -> list[int]:

@@ -13,6 +13,7 @@ Writing (:class:`VideoWriter`, :func:`write_video`) encodes H.264 (libx264, yuv4
 and can carry over the audio of the source clip, trimmed to the edited range.
 """
 
+from .disktensor import DiskTensor
 from .framestore import FrameStore
 from .preview import contact_sheet, side_by_side
 from .probe import DEFAULT_FOLDER_FPS, IMAGE_EXTENSIONS, VideoInfo, probe
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_FOLDER_FPS",
     "IMAGE_EXTENSIONS",
     "FrameStore",
+    "DiskTensor",
     "VideoInfo",
     "VideoWriter",
     "contact_sheet",
