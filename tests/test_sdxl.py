@@ -140,3 +140,22 @@ def test_the_adapters_facts_match_each_unets_config(xl, tiny_model):
     assert xl.attention_tokens(64, 32) == 32 * 16 and tiny_model.attention_tokens(64, 32) == 64 * 32
     # the two families condition differently: SDXL adds pooled text and size ids
     assert xl.condition(["a"], 64, 96).added is not None and tiny_model.condition(["a"], 64, 96).added is None
+
+
+def test_feature_analysis_on_sdxl_defaults_to_its_highest_resolution_decoder_attention(xl):
+    """SDXL's highest-resolution level has no attention: the default layer is the first self-attention of the
+    decoder's next level, found from the token grids (not from layer names)."""
+    from tokenflow.analysis import capture_tokens, default_layer, list_layers, reconstruct_from_tokens
+    from tokenflow.editor import TokenFlowEditor
+    from tokenflow.testing import pan_frames
+
+    frames = torch.from_numpy(pan_frames(num_frames=3, width=128, height=128, shift=8))
+    source = TokenFlowEditor(xl).invert(frames, steps=4, progress=False)
+    layers = list_layers(xl, 16, 16)
+    assert max(layer.grid for layer in layers) == (8, 8)  # latent 16x16, first attention one level down
+    name = default_layer(xl, layers)
+    assert name == "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    tokens = capture_tokens(xl, source.noisy[251], 251, [name])[name]
+    assert tokens.grid == (8, 8) and tokens.outputs.shape == (3, 64, 16)
+    rec = reconstruct_from_tokens(xl, source, 0, [0], 4)  # SDXL's added conditioning reaches the replaced calls
+    assert torch.equal(rec.tokens, rec.plain)
