@@ -120,6 +120,29 @@ def test_edited_video_has_selected_frames_fps_aspect_and_audio(first_run, pan_cl
         assert preview.width > 0 and preview.height > 0
 
 
+def test_a_variable_frame_rate_clip_keeps_its_frame_times_and_audio_sync(env, tmp_path):
+    """Irregular source timestamps (0, 0.083, 0.167, 0.333, ...): every output keeps each selected frame's time
+    relative to the first selected one (within a tick), and the audio spans the same time as the video."""
+    import numpy as np
+
+    from conftest import VFR_TIMES, frame_times, write_vfr_clip
+
+    clip = tmp_path / "vfr.mp4"
+    write_vfr_clip(clip, width=144, height=96, audio=True)
+    out = tmp_path / "vfr-out"
+    rc = main(["edit", str(clip), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
+               "--cache-dir", str(env.cache), *SMALL, "--start", "1", "--max-frames", "8", "--quiet"])
+    assert rc == 0
+    expected = np.asarray(VFR_TIMES[1:9]) - VFR_TIMES[1]
+    for name in ("edited.mp4", "source.mp4", "side_by_side.mp4"):
+        got, tick = frame_times(out / name)
+        assert len(got) == 8, name
+        np.testing.assert_allclose(got, expected, atol=max(tick, 1e-3) + 1e-9, err_msg=name)
+        stats = video_stats(out / name)
+        # the audio covers the frames' span: the 8th frame is shown for the median gap (0.084 s; the 9th comes at 1.1)
+        assert stats["audio_seconds"] == pytest.approx(VFR_TIMES[9] - VFR_TIMES[1], abs=0.06), name
+
+
 def test_run_json_records_the_run(first_run, env):
     run = report(first_run)
     params = run["parameters"]

@@ -14,9 +14,11 @@ from PIL import Image
 
 from tokenflow.errors import InputError
 from tokenflow.io import (
+    VFR_TIME_BASE,
     VideoInfo,
     VideoWriter,
     contact_sheet,
+    frame_spans,
     load_frames,
     probe,
     read_frames,
@@ -26,6 +28,8 @@ from tokenflow.io import (
     write_video,
 )
 from tokenflow.testing import make_pan_clip, pan_frames
+
+from conftest import VFR_TIMES, frame_times, write_vfr_clip
 
 N, W, H, SHIFT, FPS = 16, 192, 128, 6, 10
 
@@ -510,3 +514,62 @@ def test_sample_clip_in_repo():
     assert (info.width, info.height, info.num_frames, info.has_audio) == (384, 256, 32, True)
     assert info.fps == pytest.approx(12.0)
     assert path.stat().st_size < 300_000
+
+
+# ----------------------------------------------------------------------------- variable frame rate
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_reading_records_each_frames_presentation_time(tmp_path, suffix):
+    path = tmp_path / f"vfr{suffix}"
+    write_vfr_clip(path)
+    reader = read_frames(path, start=1, stride=2)
+    frames = list(reader)
+    assert len(frames) == len(reader.times) == 6
+    np.testing.assert_allclose(reader.times, VFR_TIMES[1::2], atol=1e-3)
+    assert reader.variable_times() == reader.times
+
+
+@pytest.mark.parametrize("kind", ["mkv", "mp4", "mp4_audio", "gif", "png"])
+def test_constant_rate_sources_are_not_variable(clips, kind):
+    reader = read_frames(clips[kind], stride=3)
+    frames = list(reader)
+    assert reader.variable_times() is None
+    np.testing.assert_allclose(np.diff(reader.times), 3 / FPS, atol=0.011)  # gif: centiseconds
+    assert len(frames) == 6 if kind != "mp4_audio" else 7
+
+
+@pytest.mark.parametrize("src_suffix, out_suffix", [(".mp4", ".mp4"), (".mkv", ".mp4"), (".mp4", ".mkv")])
+def test_written_video_keeps_variable_frame_times(tmp_path, src_suffix, out_suffix):
+    """read -> write with the recorded times: each output frame is shown when it was in the source (relative to
+    the first selected frame), within one tick of the coarser time base."""
+    src = tmp_path / f"vfr{src_suffix}"
+    write_vfr_clip(src)
+    start, stride = 2, 1
+    reader = read_frames(src, start=start, stride=stride)
+    frames = list(reader)
+    times = reader.variable_times()
+    assert times is not None
+    out = tmp_path / f"out{out_suffix}"
+    with VideoWriter(out, 10, W, H, time_base=VFR_TIME_BASE) as writer:
+        for frame, (t, end) in zip(frames, frame_spans(times)):
+            writer.write(frame, time=t, duration=end - t)
+    got, tick = frame_times(out)
+    expected = np.asarray(VFR_TIMES[start::stride]) - VFR_TIMES[start]
+    assert len(got) == len(expected)
+    np.testing.assert_allclose(got, expected, atol=max(tick, 1e-3) + 1e-9)
+    # an evenly spaced write would put frame 3 (source 0.6 s) at 0.3 s: far outside the tolerance
+    assert abs(got[3] - 0.3) > 0.1
+    back = load_frames(out)[0]
+    assert np.abs(back.astype(int) - pan_frames(num_frames=len(VFR_TIMES))[start:]).mean() < 4
+
+
+def test_writer_with_a_time_base_needs_increasing_times(tmp_path):
+    frame = np.zeros((48, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="increase"):
+        with VideoWriter(tmp_path / "t.mp4", 10, 64, 48, time_base=VFR_TIME_BASE) as writer:
+            writer.write(frame, time=0.5)
+            writer.write(frame, time=0.5)
+    assert not (tmp_path / "t.mp4").exists()
+    with pytest.raises(ValueError, match="time"):
+        with VideoWriter(tmp_path / "u.mp4", 10, 64, 48) as writer:
+            writer.write(frame, time=0.5)

@@ -100,6 +100,7 @@ def _prepare(
     started = time.perf_counter()
     resized = (video_io.resize_frames(frame, width, height) for frame in frames_in)
     frames = FrameStore.write(workdir() / "frames.rgb", resized, source=str(options.video))
+    frames.times = frames_in.variable_times()  # None at a constant frame rate
     timings["read"] = time.perf_counter() - started
     return editor, frames, info, timings
 
@@ -281,12 +282,16 @@ def _write_outputs(
 ) -> None:
     n, height, width = frames.shape[:3]
     audio = dict(audio_from=info.path, audio_start=options.start / info.fps, audio_end=(options.start + n * options.stride) / info.fps) if info.has_audio else {}
+    spans = None if frames.times is None else video_io.frame_spans(frames.times)  # variable frame rate: keep times
+    timing = {} if spans is None else dict(time_base=video_io.VFR_TIME_BASE)
+    if spans is not None and audio:
+        audio.update(audio_start=spans[0][0], audio_end=spans[-1][1])
     previews = []
     pick = set(np.linspace(0, n - 1, min(4, n)).round().astype(int).tolist())
     with (
-        video_io.VideoWriter(staging / "edited.mp4", fps, width, height, **audio) as edited_out,
-        video_io.VideoWriter(staging / "source.mp4", fps, width, height, **audio) as source_out,
-        video_io.VideoWriter(staging / "side_by_side.mp4", fps, 2 * width, height, **audio) as both_out,
+        video_io.VideoWriter(staging / "edited.mp4", fps, width, height, **audio, **timing) as edited_out,
+        video_io.VideoWriter(staging / "source.mp4", fps, width, height, **audio, **timing) as source_out,
+        video_io.VideoWriter(staging / "side_by_side.mp4", fps, 2 * width, height, **audio, **timing) as both_out,
     ):
         batch = max(1, options.batch_size)
         bar = Tracker("decoding", n, progress, cancel)
@@ -294,9 +299,10 @@ def _write_outputs(
             decoded = editor.model.decode_latents(result.latents[start : start + batch]).numpy()
             originals = frames[start : start + len(decoded)]
             for i, (original, frame) in enumerate(zip(originals, decoded), start=start):
-                edited_out.write(frame)
-                source_out.write(original)
-                both_out.write(video_io.side_by_side(original, frame))
+                when = {} if spans is None else dict(time=spans[i][0], duration=spans[i][1] - spans[i][0])
+                edited_out.write(frame, **when)
+                source_out.write(original, **when)
+                both_out.write(video_io.side_by_side(original, frame), **when)
                 if i in pick:
                     previews.append((original, frame))
             bar.update(len(decoded))

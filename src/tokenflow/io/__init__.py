@@ -10,23 +10,28 @@ name, numbers compared numerically).  Frames are decoded one at a time, so a lon
 video is never held in memory unless the caller asks for it with :func:`load_frames`.
 
 Writing (:class:`VideoWriter`, :func:`write_video`) encodes H.264 (libx264, yuv420p)
-and can carry over the audio of the source clip, trimmed to the edited range.
+and can carry over the audio of the source clip, trimmed to the edited range.  A
+variable-frame-rate source keeps its frames' timestamps: :func:`read_frames` records
+them (``FrameReader.times``) and :class:`VideoWriter` takes them per frame.
 """
 
 from .framestore import FrameStore
 from .preview import contact_sheet, side_by_side
 from .probe import DEFAULT_FOLDER_FPS, IMAGE_EXTENSIONS, VideoInfo, probe
-from .read import load_frames, read_frames
+from .read import FrameReader, frame_spans, load_frames, read_frames
 from .size import resize_frames, working_size
-from .write import VideoWriter, write_video
+from .write import VFR_TIME_BASE, VideoWriter, write_video
 
 __all__ = [
     "DEFAULT_FOLDER_FPS",
     "IMAGE_EXTENSIONS",
+    "FrameReader",
     "FrameStore",
+    "VFR_TIME_BASE",
     "VideoInfo",
     "VideoWriter",
     "contact_sheet",
+    "frame_spans",
     "load_frames",
     "probe",
     "read_frames",
