@@ -375,7 +375,30 @@ def bad_files(tmp_path_factory, pan_clip) -> dict[str, Path]:
     not_model = root / "not-a-model"
     not_model.mkdir()
     (not_model / "weights.txt").write_text("nothing here")
-    return dict(missing=root / "missing.mp4", text=text, truncated=truncated, empty=empty, not_model=not_model)
+    return dict(missing=root / "missing.mp4", text=text, truncated=truncated, empty=empty, not_model=not_model,
+                cut_mkv=cut_mkv(root / "cut.mkv"), audio_only=audio_only(pan_clip, root / "tone.m4a"))
+
+
+def cut_mkv(path: Path) -> Path:
+    """The clip as lossless FFV1 cut in half: the first frames decode, the header's duration says more."""
+    from tokenflow.testing import make_pan_clip
+
+    whole = path.with_name("whole.mkv")
+    make_pan_clip(whole, num_frames=N, width=144, height=96, shift=4, fps=FPS)
+    data = whole.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def audio_only(clip: Path, path: Path) -> Path:
+    with av.open(str(clip)) as inp, av.open(str(path), "w") as out:
+        stream = inp.streams.audio[0]
+        copy = out.add_stream_from_template(stream)
+        for packet in inp.demux(stream):
+            if packet.size:
+                packet.stream = copy
+                out.mux(packet)
+    return path
 
 
 # (case id, argv changes, text the error line must contain); "{...}" names a bad_files entry
@@ -384,6 +407,9 @@ BAD_INPUTS = [
     ("text-file", dict(video="{text}"), "notes.mp4"),
     ("truncated-mp4", dict(video="{truncated}"), "truncated.mp4"),
     ("empty-mp4", dict(video="{empty}"), "empty.mp4"),
+    ("truncated-mkv", dict(video="{cut_mkv}"), "cut.mkv: truncated or damaged after frame"),
+    ("truncated-mkv-names-the-flag", dict(video="{cut_mkv}"), "--allow-partial"),
+    ("audio-only", dict(video="{audio_only}"), "tone.m4a: has no video stream (audio only)"),
     ("empty-prompt", dict(prompt=""), "--prompt"),
     ("blank-prompt", dict(prompt="   "), "--prompt"),
     ("size-16", dict(extra=["--size", "16"]), "--size"),
@@ -416,6 +442,20 @@ def test_bad_input_is_one_line_error_and_writes_nothing(env, bad_files, tmp_path
     rc = main(argv)
     assert_one_line_error(rc, capsys, tmp_path, out, needle)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_allow_partial_edits_the_frames_of_a_truncated_video_that_decode(env, bad_files, tmp_path, caplog):
+    import logging
+
+    out = tmp_path / "partial"
+    argv = ["edit", str(bad_files["cut_mkv"]), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache"), *SMALL, "--allow-partial", "--quiet"]
+    with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
+        assert main(argv) == 0
+    assert any("truncated or damaged" in r.getMessage() for r in caplog.records)  # a warning, even under --quiet
+    frames = video_stats(out / "edited.mp4")["frames"]
+    assert 1 <= frames < N
+    assert report(out)["parameters"]["allow_partial"] is True
 
 
 # ----------------------------------------------------------------------------- 9. help, entry point

@@ -448,24 +448,111 @@ def test_truncated_mp4_without_frames(tmp_path, clips, keep):
     assert_one_line_naming(exc, path)
 
 
-def test_truncated_file_returns_what_decodes(tmp_path, clips, caplog):
+def test_truncated_mkv_is_refused_saying_where_it_breaks(tmp_path, clips):
+    data = clips["mkv"].read_bytes()
+    path = tmp_path / "cut.mkv"
+    path.write_bytes(data[: len(data) // 2])  # the demuxer just stops: no error, the header's duration tells
+    with pytest.raises(InputError) as exc:
+        load_frames(path)
+    assert_one_line_naming(exc, path)
+    message = str(exc.value)
+    assert "truncated or damaged after frame" in message and "`allow_partial`" in message
+
+
+def test_truncated_file_with_allow_partial_returns_what_decodes(tmp_path, clips, caplog):
     data = clips["mkv"].read_bytes()
     path = tmp_path / "cut.mkv"
     path.write_bytes(data[: len(data) // 2])
     with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
-        frames, _ = load_frames(path)
+        frames, _ = load_frames(path, allow_partial=True)
     assert 1 <= len(frames) < N
-    np.testing.assert_array_equal(frames[0], photo_crop(0))
+    for i, frame in enumerate(frames):
+        np.testing.assert_array_equal(frame, photo_crop(i))
+    assert any("truncated" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
 
 
-def test_truncated_mp4_with_some_frames_warns(tmp_path, clips, caplog):
+def test_truncated_mp4_with_some_frames_is_refused_or_warns(tmp_path, clips, caplog):
     data = clips["mp4"].read_bytes()
     path = tmp_path / "cut.mp4"
     path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError) as exc:
+        load_frames(path)
+    assert_one_line_naming(exc, path)
+    assert "truncated or damaged" in str(exc.value) and "`allow_partial`" in str(exc.value)
     with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
-        frames, info = load_frames(path)
+        frames, info = load_frames(path, allow_partial=True)
     assert 1 <= len(frames) < N
     assert any("truncated" in r.getMessage() for r in caplog.records)
+
+
+def damage_packet(src: Path, dst: Path, k: int) -> None:
+    """Copy ``src``'s video packets into ``dst`` (same container type), packet ``k`` (decode order) replaced by
+    random bytes of its size: a bit error the decoder reports."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        stream = inp.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        for i, packet in enumerate(p for p in inp.demux(stream) if p.size):
+            if i == k:
+                noise = av.Packet(np.random.default_rng(0).integers(0, 256, packet.size, np.uint8).tobytes())
+                noise.pts, noise.dts, noise.time_base = packet.pts, packet.dts, packet.time_base
+                noise.is_keyframe = packet.is_keyframe
+                packet = noise
+            packet.stream = copy
+            out.mux(packet)
+
+
+def test_a_damaged_frame_mid_video_is_refused_naming_it_or_skipped_with_allow_partial(tmp_path, clips, caplog):
+    path = tmp_path / "damaged.mkv"
+    damage_packet(clips["mkv"], path, 5)  # FFV1: frame 5 is lost; the next ones may be off until a keyframe
+    with pytest.raises(InputError) as exc:
+        list(read_frames(path))
+    assert_one_line_naming(exc, path)
+    assert "damaged at frame 5 (about 0.50 s)" in str(exc.value)
+    with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
+        frames, _ = load_frames(path, allow_partial=True)
+    assert len(frames) == N - 1
+    for i in range(5):
+        np.testing.assert_array_equal(frames[i], photo_crop(i))
+    assert any("frame 5" in r.getMessage() for r in caplog.records)
+    # a selection that ends before the damage never reaches it: no error
+    assert len(load_frames(path, max_frames=5)[0]) == 5
+
+
+def test_unreadable_image_in_a_folder_is_refused_or_skipped(tmp_path, clips, caplog):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, image in enumerate(sorted(clips["png"].iterdir())[:4]):
+        (folder / image.name).write_bytes(image.read_bytes()[: 100 if i == 2 else None])
+    with pytest.raises(InputError, match="`allow_partial`"):
+        load_frames(folder)
+    with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
+        frames, _ = load_frames(folder, allow_partial=True)
+    assert len(frames) == 3
+    np.testing.assert_array_equal(frames[2], photo_crop(3))
+
+
+def test_audio_only_and_frameless_files_are_one_line_errors(tmp_path):
+    audio_only = tmp_path / "tone.m4a"
+    write_clip_with_audio(tmp_path / "with_video.mp4", 1.0, lambda t: 0.2 * np.sin(2 * np.pi * 440 * t))
+    with av.open(str(tmp_path / "with_video.mp4")) as inp, av.open(str(audio_only), "w") as out:
+        stream = inp.streams.audio[0]
+        copy = out.add_stream_from_template(stream)
+        for packet in inp.demux(stream):
+            if packet.size:
+                packet.stream = copy
+                out.mux(packet)
+    frameless = tmp_path / "frameless.mkv"
+    with av.open(str(frameless), "w") as container:
+        stream = container.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "bgr0"
+        container.start_encoding()  # the header, then not one frame
+    assert frameless.stat().st_size > 0
+    for path, needle in ((audio_only, "no video stream (audio only)"), (frameless, "no frames")):
+        for call in (probe, load_frames):
+            with pytest.raises(InputError) as exc:
+                call(path)
+            assert_one_line_naming(exc, path)
+            assert needle in str(exc.value)
 
 
 def test_start_past_end(clips):

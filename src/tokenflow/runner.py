@@ -74,7 +74,8 @@ def _prepare(
     """
     timings = {}
     info = video_io.probe(options.video)  # a bad input fails here, before the model loads
-    frames_in = video_io.read_frames(options.video, options.start, options.stride, options.max_frames)
+    frames_in = video_io.read_frames(options.video, options.start, options.stride, options.max_frames,
+                                     allow_partial=options.allow_partial)
     started = time.perf_counter()
     if editor is None:
         from .backbones import parse_lora

@@ -79,6 +79,10 @@ def _check_exists(path: Path) -> None:
 def _open_input(path: Path) -> av.container.InputContainer:
     try:
         container = av.open(str(path), mode="r")
+    except av.error.EOFError as exc:
+        raise InputError(
+            f"{path}: ends before its first frame (no frames: an empty or truncated video); re-export it"
+        ) from exc
     except av.FFmpegError as exc:
         reason = _one_line(getattr(exc, "strerror", None) or exc)
         raise InputError(
@@ -87,13 +91,41 @@ def _open_input(path: Path) -> av.container.InputContainer:
     except OSError as exc:
         raise InputError(f"{path}: cannot open ({_one_line(exc)}); check the path and its permissions") from exc
     if not container.streams.video:
+        only = " (audio only)" if container.streams.audio else ""
         container.close()
-        raise InputError(f"{path}: has no video stream; pass a video file")
+        raise InputError(f"{path}: has no video stream{only}; pass a video file")
     return container
 
 
+@dataclass
+class Damage:
+    """Where a video stops decoding cleanly: after ``frame`` good frames, about ``time`` seconds into the stream
+    (None when unknown), and FFmpeg's ``reason``."""
+
+    frame: int
+    time: float | None
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def _ffmpeg_reason(exc: Exception) -> str:
+    """FFmpeg's words for an error, without the errno and the function name PyAV adds."""
+    return _one_line(getattr(exc, "strerror", None) or exc)
+
+
+def _packet_time(packet: av.Packet | None) -> float | None:
+    try:
+        if packet is not None and packet.pts is not None and packet.time_base is not None:
+            return float(packet.pts * packet.time_base)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        pass
+    return None
+
+
 def _decode_video(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, problems: list[str]
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, problems: list[Damage]
 ) -> Iterator[av.VideoFrame]:
     """Decode a video stream packet by packet, skipping packets the decoder rejects.
 
@@ -101,20 +133,26 @@ def _decode_video(
     wrong is appended to ``problems`` (the caller decides whether to warn or fail).
     """
     packets = container.demux(stream)
+    count = 0
+    last_time = None
     while True:
         try:
             packet = next(packets)
         except StopIteration:
             break
         except av.FFmpegError as exc:  # the demuxer gave up: flush what the decoder holds
-            problems.append(_one_line(exc))
+            problems.append(Damage(count, last_time, _ffmpeg_reason(exc)))
             packet = None
         try:
             frames = stream.decode(packet)
         except av.FFmpegError as exc:
-            problems.append(_one_line(exc))
+            when = _packet_time(packet)
+            problems.append(Damage(count, last_time if when is None else when, _ffmpeg_reason(exc)))
             frames = []
-        yield from frames
+        for frame in frames:
+            count += 1
+            last_time = frame.time
+            yield frame
         if packet is None:
             break
 
@@ -152,9 +190,12 @@ def _stream_fps(stream: av.video.stream.VideoStream) -> float:
     return DEFAULT_FOLDER_FPS
 
 
-def _undecodable(path: Path, problems: list[str]) -> InputError:
-    detail = f" ({problems[0]})" if problems else ""
-    return InputError(f"{path}: no frame could be decoded{detail}; the file is corrupt or truncated, re-export it")
+def _undecodable(path: Path, problems: list[Damage]) -> InputError:
+    if not problems:
+        return InputError(f"{path}: its video stream has no frames; pass a video with at least one frame")
+    return InputError(
+        f"{path}: no frame could be decoded ({problems[0].reason}); the file is corrupt or truncated, re-export it"
+    )
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -181,7 +222,7 @@ def probe(path: str | Path) -> VideoInfo:
     container = _open_input(path)
     try:
         stream = container.streams.video[0]
-        problems: list[str] = []
+        problems: list[Damage] = []
         first = next(_decode_video(container, stream, problems), None)
         if first is None:
             raise _undecodable(path, problems)

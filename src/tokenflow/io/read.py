@@ -20,6 +20,7 @@ from .probe import (
     _folder_images,
     _load_image,
     _open_input,
+    Damage,
     _rotation_of,
     _stream_fps,
     _undecodable,
@@ -95,7 +96,7 @@ def frame_spans(times: list[float]) -> list[tuple[float, float]]:
 
 
 def _iter_folder(
-    path: Path, images: list[Path], start: int, stride: int, max_frames: int | None
+    path: Path, images: list[Path], start: int, stride: int, max_frames: int | None, allow_partial: bool = False
 ) -> Iterator[tuple[np.ndarray, float]]:
     indices = range(len(images))[start::stride]
     if max_frames is not None:
@@ -105,7 +106,13 @@ def _iter_folder(
     first_shape = None
     for index in indices:
         image_path = images[index]
-        rgb = _load_image(image_path)
+        try:
+            rgb = _load_image(image_path)
+        except InputError as exc:
+            if not allow_partial:
+                raise InputError(f"{exc}, or pass `allow_partial` to skip unreadable images") from exc
+            log.warning("%s; skipped", exc)
+            continue
         if first_shape is None:
             first_shape = rgb.shape
         elif rgb.shape != first_shape:
@@ -127,17 +134,36 @@ def _frame_time(frame: av.VideoFrame, origin: float | None, index: int, fps: flo
     return origin, float(t) - origin
 
 
+def _tagged_end(stream: av.video.stream.VideoStream) -> float | None:
+    """When the stream ends by its own header: its duration, else Matroska's per-stream ``DURATION`` tag
+    (``HH:MM:SS.fraction``, written by the muxer once the stream was complete), in seconds of its time base."""
+    try:
+        if stream.duration is not None and stream.time_base is not None:
+            return float((stream.start_time or 0) * stream.time_base) + float(stream.duration * stream.time_base)
+        tag = (stream.metadata or {}).get("DURATION")
+        if tag:
+            hours, minutes, seconds = tag.split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        pass
+    return None
+
+
+def _after(count: int, last: float | None) -> str:
+    return f"after frame {count - 1}" + ("" if last is None else f" ({last:.2f} s)")
+
+
 def _iter_container(
     path: Path,
     container: av.container.InputContainer,
     start: int,
     stride: int,
     max_frames: int | None,
+    allow_partial: bool = False,
 ) -> Iterator[tuple[np.ndarray, float]]:
     yielded = 0
-    index = 0  # frames decoded so far
-    problems: list[str] = []
-    expected = None
+    index = 0  # frames handled (yielded or passed over by the selection) so far
+    problems: list[Damage] = []
     try:
         for thread_type in ("AUTO", "SLICE"):
             if problems:
@@ -152,11 +178,14 @@ def _iter_container(
             fps = _stream_fps(stream)
             origin = (float(stream.start_time * stream.time_base)
                       if stream.start_time is not None and stream.time_base is not None else None)
-            seen = 0
+            times: list[float | None] = []  # of every frame this pass decodes
+            last_duration = 0.0
             for frame in _decode_video(container, stream, problems):
-                seen += 1
-                if seen <= index:
-                    continue
+                times.append(frame.time)
+                if len(times) <= index or (problems and not allow_partial):
+                    continue  # handled in the first pass, or past the damage (only counted: refused below)
+                if frame.duration and frame.time_base:
+                    last_duration = float(frame.duration * frame.time_base)
                 if index >= start and (index - start) % stride == 0:
                     origin, t = _frame_time(frame, origin, index, fps)
                     rgb = frame.to_ndarray(format="rgb24")
@@ -167,23 +196,39 @@ def _iter_container(
                 index += 1
             if not problems:
                 break
+        end = _tagged_end(stream)
     finally:
         container.close()
 
-    if index == 0:
+    total = len(times)  # frames that decode, damaged or not
+    if total == 0:
         raise _undecodable(path, problems)
-    if expected is not None and index < expected:
-        log.warning("%s: only %d of %d frames could be decoded; the file looks truncated or damaged",
-                    path, index, expected)
-    elif problems:
-        log.warning("%s: %d damaged packet(s) skipped (%s); the file looks truncated or damaged",
-                    path, len(problems), problems[0])
+    last = times[-1]
+    at = reason = None
+    if problems:
+        damage = problems[0]
+        frame = damage.frame
+        if damage.time is not None:  # not the decoder's output count (it lags): the frames shown before it
+            frame = sum(1 for t in times if t is not None and t < damage.time - 1e-9)
+        at = f"at frame {frame}" + ("" if damage.time is None else f" (about {damage.time:.2f} s)")
+        reason = damage.reason
+    elif expected is not None and total < expected:  # the demuxer ended early, without an error
+        at, reason = _after(total, last), f"the header says {expected} frames"
+    elif end is not None and last is not None and last + 2 * max(last_duration, 1 / fps) < end:
+        at, reason = _after(total, last), f"the stream lasts {end:.2f} s by its header"
+    if at is not None:
+        if not allow_partial:
+            raise InputError(
+                f"{path}: truncated or damaged {at}: {reason}; re-export or repair the file, or pass "
+                "`allow_partial` to use the frames that decode"
+            )
+        log.warning("%s: truncated or damaged %s (%s); using the %d frames that decode", path, at, reason, total)
     if yielded == 0:
-        raise _past_end(path, start, index)
+        raise _past_end(path, start, total)
 
 
 def read_frames(
-    path: str | Path, start: int = 0, stride: int = 1, max_frames: int | None = None
+    path: str | Path, start: int = 0, stride: int = 1, max_frames: int | None = None, allow_partial: bool = False
 ) -> FrameReader:
     """Stream frames ``start, start+stride, ...`` (at most ``max_frames``) as ``HxWx3`` uint8 RGB.
 
@@ -192,27 +237,34 @@ def read_frames(
     the selection turns out to be empty (e.g. ``start`` past the end) the iterator
     raises :class:`InputError` when it is exhausted.  The iterator (a :class:`FrameReader`)
     records each frame's presentation time as it goes (``.times``), for variable-frame-rate sources.
+
+    A truncated or damaged file (a packet that does not decode, or fewer frames than its header
+    says) raises :class:`InputError` naming the frame and time where it breaks, once the frames
+    before the damage have been yielded; with ``allow_partial`` every frame that decodes is
+    yielded instead (damaged packets skipped, unreadable images of a folder skipped) and a warning
+    is logged.  The damage is seen only if the selection reaches it.
     """
     path = Path(path)
     _check_selection(path, start, stride, max_frames)
     _check_exists(path)
     if path.is_dir():
-        return FrameReader(_iter_folder(path, _folder_images(path), start, stride, max_frames),
+        return FrameReader(_iter_folder(path, _folder_images(path), start, stride, max_frames, allow_partial),
                            tick=1 / DEFAULT_FOLDER_FPS, stride=stride)
     container = _open_input(path)
     stream = container.streams.video[0]
     tick = float(stream.time_base) if stream.time_base else 1e-3
-    return FrameReader(_iter_container(path, container, start, stride, max_frames), tick=tick, stride=stride)
+    return FrameReader(_iter_container(path, container, start, stride, max_frames, allow_partial), tick=tick,
+                       stride=stride)
 
 
 def load_frames(
-    path: str | Path, start: int = 0, stride: int = 1, max_frames: int | None = None
+    path: str | Path, start: int = 0, stride: int = 1, max_frames: int | None = None, allow_partial: bool = False
 ) -> tuple[np.ndarray, VideoInfo]:
     """Read the selected frames into one ``[N,H,W,3]`` uint8 array, with the source's :class:`VideoInfo`."""
     path = Path(path)
     _check_selection(path, start, stride, max_frames)
     info = probe(path)
-    frames = list(read_frames(path, start=start, stride=stride, max_frames=max_frames))
+    frames = list(read_frames(path, start=start, stride=stride, max_frames=max_frames, allow_partial=allow_partial))
     shapes = {f.shape for f in frames}
     if len(shapes) > 1:
         raise InputError(f"{path}: frame size changes mid-video ({sorted(shapes)}); re-encode it at one size")
