@@ -660,3 +660,110 @@ def test_writer_with_a_time_base_needs_increasing_times(tmp_path):
     with pytest.raises(ValueError, match="time"):
         with VideoWriter(tmp_path / "u.mp4", 10, 64, 48) as writer:
             writer.write(frame, time=0.5)
+
+
+# ----------------------------------------------------------------------------- alpha, bit depth, chroma, rgb
+
+
+def rgba_pan(num_frames: int = 4, width: int = 64, height: int = 48) -> np.ndarray:
+    """The pan with an alpha ramp across each frame (0 at the left edge, 255 at the right), ``[N,H,W,4]``."""
+    rgb = pan_frames(num_frames=num_frames, width=width, height=height)
+    alpha = np.broadcast_to(np.linspace(0, 255, width).round().astype(np.uint8)[None, None, :, None],
+                            (num_frames, height, width, 1))
+    return np.concatenate([rgb, alpha], axis=-1)
+
+
+def over_black(rgba: np.ndarray) -> np.ndarray:
+    """The documented compositing, computed independently in floating point."""
+    return np.round(rgba[..., :3] * (rgba[..., 3:4] / 255.0)).astype(np.uint8)
+
+
+def test_rgba_png_folder_is_composited_over_black(tmp_path):
+    from tokenflow.io import ALPHA_BACKGROUND
+
+    assert ALPHA_BACKGROUND == (0, 0, 0)
+    frames = rgba_pan()
+    folder = tmp_path / "rgba"
+    folder.mkdir()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame, "RGBA").save(folder / f"{i}.png")
+    got, info = load_frames(folder)
+    assert got.shape == (4, 48, 64, 3) and (info.width, info.height) == (64, 48)
+    assert np.abs(got.astype(int) - over_black(frames)).max() <= 1
+    assert got[:, :, 0].max() == 0  # fully transparent: the background, not the photo under it
+    np.testing.assert_array_equal(got[:, :, -1], frames[:, :, -1, :3])  # opaque: untouched
+
+
+def test_gif_transparency_is_composited_over_black(tmp_path):
+    path = tmp_path / "t.gif"
+    images = []
+    for i in range(3):
+        rgba = np.zeros((32, 48, 4), np.uint8)
+        rgba[..., 1] = 180
+        rgba[:, : 16 + 8 * i, 3] = 255  # the opaque part grows; the rest is the gif's transparent colour
+        images.append(Image.fromarray(rgba, "RGBA"))
+    images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0, disposal=2)
+    got, _ = load_frames(path)
+    assert got.shape == (3, 32, 48, 3)
+    for i, frame in enumerate(got):
+        assert np.abs(frame[:, : 16 + 8 * i].astype(int) - (0, 180, 0)).max() <= 2
+        assert frame[:, 16 + 8 * i :].max() == 0
+
+
+def test_vp9_webm_with_alpha_is_composited_over_black(tmp_path):
+    path = tmp_path / "alpha.webm"
+    frames = rgba_pan()
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=10, options={"lossless": "1"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuva420p"
+        for i, frame in enumerate(frames):
+            image = av.VideoFrame.from_ndarray(frame, format="rgba")
+            image.pts = i
+            container.mux(stream.encode(image))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        if container.streams.video[0].metadata.get("alpha_mode") != "1":
+            pytest.skip("this libvpx did not store an alpha channel")
+    got, _ = load_frames(path)
+    assert got.shape == (4, 48, 64, 3)
+    expected = over_black(frames)
+    assert np.abs(got.astype(int) - expected).mean() < 3  # 4:2:0 chroma
+    assert got[:, :, 0].max() <= 4  # transparent: black, not the photo under it
+    assert np.abs(got.astype(int) - frames[..., :3]).mean() > 20  # the alpha was not dropped
+
+
+# (codec, pixel format, container, options, largest mean abs error): lossless 4:4:4 and rgb come back exact up to
+# 8-bit YUV rounding; 4:2:0 loses chroma detail, as an 8-bit yuv420p clip does
+DEPTHS = [
+    ("libx264", "yuv444p10le", ".mp4", {"qp": "0"}, 0.1),
+    ("ffv1", "yuv444p10le", ".mkv", {}, 0.1),
+    ("ffv1", "yuv420p10le", ".mkv", {}, 3.0),
+    ("libx264", "yuv420p10le", ".mkv", {"qp": "0"}, 3.0),
+    ("libx264", "yuv444p", ".mp4", {"qp": "0"}, 0.6),
+    ("libx264rgb", "rgb24", ".mkv", {"qp": "0"}, 0.0),
+    ("ffv1", "gbrp10le", ".mkv", {}, 0.0),
+    ("png", "rgb48be", ".mov", {}, 0.0),
+    ("ffv1", "yuv444p16le", ".mkv", {}, 0.1),
+]
+
+
+@pytest.mark.parametrize("codec, pix_fmt, suffix, options, tolerance", DEPTHS, ids=[d[1] + d[2] for d in DEPTHS])
+def test_high_bit_depth_444_and_rgb_sources_read_with_their_colours(tmp_path, codec, pix_fmt, suffix, options,
+                                                                     tolerance):
+    frames = pan_frames(num_frames=3, width=64, height=48)
+    path = tmp_path / f"clip{suffix}"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=10, options=options)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        for i, frame in enumerate(frames):
+            image = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            image.pts = i
+            container.mux(stream.encode(image))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.pix_fmt in (pix_fmt, "gbrp")  # libx264rgb stores gbrp
+    got, _ = load_frames(path)
+    assert got.shape == frames.shape and got.dtype == np.uint8
+    error = np.abs(got.astype(int) - frames)
+    assert error.mean() <= tolerance
+    assert np.abs(got.astype(int) - frames[..., ::-1]).mean() > 10  # swapped channels would show

@@ -2,7 +2,10 @@
 
 Everything that touches a video file goes through this module.  Frames are always
 ``HxWx3`` ``uint8`` RGB numpy arrays with the container's rotation metadata applied,
-so a portrait phone clip comes out upright.
+so a portrait phone clip comes out upright.  Any bit depth and chroma layout (10-bit,
+4:4:4, RGB) is converted to 8-bit RGB; a source with an alpha channel (webm/vp9 with
+alpha, RGBA png, a gif's transparent colour) is composited over black
+(:data:`ALPHA_BACKGROUND`).
 
 Reading supports anything FFmpeg (through PyAV) can demux and decode -- mp4, mov,
 webm, mkv, avi, gif -- and a folder of images (png/jpg/jpeg/bmp/webp, sorted by
@@ -17,12 +20,13 @@ them (``FrameReader.times``) and :class:`VideoWriter` takes them per frame.
 
 from .framestore import FrameStore
 from .preview import contact_sheet, side_by_side
-from .probe import DEFAULT_FOLDER_FPS, IMAGE_EXTENSIONS, VideoInfo, probe
+from .probe import ALPHA_BACKGROUND, DEFAULT_FOLDER_FPS, IMAGE_EXTENSIONS, VideoInfo, probe
 from .read import FrameReader, frame_spans, load_frames, read_frames
 from .size import resize_frames, working_size
 from .write import VFR_TIME_BASE, VideoWriter, write_video
 
 __all__ = [
+    "ALPHA_BACKGROUND",
     "DEFAULT_FOLDER_FPS",
     "IMAGE_EXTENSIONS",
     "FrameReader",

@@ -25,6 +25,31 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_FOLDER_FPS = 10.0
 
 
+#: Transparent and translucent pixels (a webm/vp9 with alpha, an RGBA png, a gif's transparent colour, ProRes 4444,
+#: ...) are composited over this background: black, the colour FFmpeg leaves when it drops an alpha channel.
+ALPHA_BACKGROUND = (0, 0, 0)
+
+
+# Pixel formats that carry alpha (pal8: a palette may hold transparent entries, as a gif's does).
+_ALPHA_FORMAT = re.compile(r"^(yuva|rgba|bgra|argb|abgr|gbrap|ya\d|pal8)")
+
+
+def _over_background(rgba: np.ndarray) -> np.ndarray:
+    """``HxWx4`` uint8 RGBA composited over :data:`ALPHA_BACKGROUND`, ``HxWx3`` uint8 (opaque pixels unchanged)."""
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = rgba[..., :3].astype(np.uint16)
+    background = np.asarray(ALPHA_BACKGROUND, np.uint16)
+    return ((rgb * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _frame_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame as ``HxWx3`` uint8 RGB (any bit depth and chroma layout, through swscale with the frame's
+    colour matrix); alpha, where there is some, composited over :data:`ALPHA_BACKGROUND`."""
+    if _ALPHA_FORMAT.match(frame.format.name):
+        return _over_background(frame.to_ndarray(format="rgba"))
+    return frame.to_ndarray(format="rgb24")
+
+
 def _one_line(text: object) -> str:
     """Collapse whitespace so an error message stays on one line."""
     return " ".join(str(text).split())
@@ -66,6 +91,8 @@ def _load_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+                return _over_background(np.asarray(img.convert("RGBA")))
             return np.asarray(img.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: not a readable image ({_one_line(exc)}); replace or remove it") from exc
@@ -124,6 +151,23 @@ def _packet_time(packet: av.Packet | None) -> float | None:
     return None
 
 
+# FFmpeg's own VP8/VP9 decoders ignore the alpha plane that WebM stores beside each frame; libvpx's read it.
+_LIBVPX_DECODERS = {"vp8": "libvpx", "vp9": "libvpx-vp9"}
+
+
+def _alpha_decoder(stream: av.video.stream.VideoStream):
+    """The ``decode`` of a libvpx decoder for a WebM stream with alpha (``alpha_mode`` 1), else None."""
+    name = _LIBVPX_DECODERS.get(stream.codec_context.name)
+    if name is None or (stream.metadata or {}).get("alpha_mode") != "1":
+        return None
+    try:
+        context = av.CodecContext.create(name, "r")
+    except (av.FFmpegError, ValueError) as exc:
+        log.warning("%s is not available (%s): the alpha channel is ignored", name, _one_line(exc))
+        return None
+    return context.decode
+
+
 def _decode_video(
     container: av.container.InputContainer, stream: av.video.stream.VideoStream, problems: list[Damage]
 ) -> Iterator[av.VideoFrame]:
@@ -132,6 +176,7 @@ def _decode_video(
     A truncated or damaged file then still yields every frame that decodes; what went
     wrong is appended to ``problems`` (the caller decides whether to warn or fail).
     """
+    decode = _alpha_decoder(stream) or stream.decode
     packets = container.demux(stream)
     count = 0
     last_time = None
@@ -144,7 +189,7 @@ def _decode_video(
             problems.append(Damage(count, last_time, _ffmpeg_reason(exc)))
             packet = None
         try:
-            frames = stream.decode(packet)
+            frames = decode(packet)
         except av.FFmpegError as exc:
             when = _packet_time(packet)
             problems.append(Damage(count, last_time if when is None else when, _ffmpeg_reason(exc)))

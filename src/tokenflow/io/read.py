@@ -18,6 +18,7 @@ from .probe import (
     _check_exists,
     _decode_video,
     _folder_images,
+    _frame_rgb,
     _load_image,
     _open_input,
     Damage,
@@ -188,7 +189,7 @@ def _iter_container(
                     last_duration = float(frame.duration * frame.time_base)
                 if index >= start and (index - start) % stride == 0:
                     origin, t = _frame_time(frame, origin, index, fps)
-                    rgb = frame.to_ndarray(format="rgb24")
+                    rgb = _frame_rgb(frame)
                     yield _apply_rotation(rgb, _rotation_of(frame, stream)), t
                     yielded += 1
                     if max_frames is not None and yielded >= max_frames:
