@@ -458,6 +458,127 @@ def test_allow_partial_edits_the_frames_of_a_truncated_video_that_decode(env, ba
     assert report(out)["parameters"]["allow_partial"] is True
 
 
+# ----------------------------------------------------------------------------- 8b. where the output goes
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under ``folder``."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if the model starts loading: the checks under test must come first."""
+    from tokenflow.editor import TokenFlowEditor
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output location was checked")
+
+    monkeypatch.setattr(TokenFlowEditor, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "is-a-file"])
+def test_an_output_location_that_cannot_be_written_is_refused_before_the_model_loads(
+    env, tmp_path, capsys, no_model_load, where
+):
+    blocker = tmp_path / "blocker.txt"
+    blocker.write_text("a file, not a folder")
+    out = blocker / "out" if where == "under-a-file" else blocker
+    capsys.readouterr()
+    rc = main(["edit", str(env.clip), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
+               "--cache-dir", str(tmp_path / "cache"), *SMALL])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("tokenflow: error:") and "--out" in err and str(blocker) in err
+    assert blocker.read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("command, flag", [("edit", "--out"), ("invert", "--cache-dir")])
+def test_too_little_free_space_is_refused_before_the_model_loads(env, tmp_path, capsys, monkeypatch, no_model_load,
+                                                                 command, flag):
+    from collections import namedtuple
+
+    import tokenflow.io.space as space
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(space.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))  # 1 MB free
+    out = tmp_path / "out"
+    argv = [command, str(env.clip), "--model", str(env.model), "--cache-dir", str(tmp_path / "cache"), *SMALL]
+    argv += ["--prompt", "a robot", "--out", str(out)] if command == "edit" else []
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "1 MB free, the run needs about" in err and flag in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_disk_that_fills_while_the_outputs_are_written_fails_in_one_line_keeping_the_old_output(
+    env, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    from tokenflow.io import VideoWriter
+
+    out = tmp_path / "out"
+    rc = main(["edit", str(env.clip), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
+               "--cache-dir", str(env.cache), *SMALL, "--quiet"])
+    assert rc == 0
+    before, cache_before = tree_digest(out), tree_digest(env.cache)
+    real_write = VideoWriter.write
+
+    def write(self, frame, *args, **kwargs):
+        if self.frames_written == 3 and self.path.name == "side_by_side.mp4":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real_write(self, frame, *args, **kwargs)
+
+    monkeypatch.setattr(VideoWriter, "write", write)
+    capsys.readouterr()
+    rc = main(["edit", str(env.clip), "--prompt", "a cat", "--model", str(env.model), "--out", str(out),
+               "--cache-dir", str(env.cache), *SMALL, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "No space left on device while writing" in err and "--out" in err
+    assert tree_digest(out) == before and tree_digest(env.cache) == cache_before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_a_file_size_limit_hit_while_staging_fails_cleanly_in_a_real_process(env, tmp_path):
+    """RLIMIT_FSIZE below the staged frames' size (SIGXFSZ ignored, so the write raises EFBIG): exit 2, one line, no
+    traceback; the earlier output folder and the inversion cache stay as they were, no staging folder is left."""
+    import resource
+    import signal
+
+    out = tmp_path / "out"
+    rc = main(["edit", str(env.clip), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
+               "--cache-dir", str(env.cache), *SMALL, "--quiet"])
+    assert rc == 0
+    before, cache_before = tree_digest(out), tree_digest(env.cache)
+    staged = N * OUT_W * OUT_H * 3  # frames.rgb
+    limit = staged // 2
+    assert max(p.stat().st_size for p in env.cache.rglob("*") if p.is_file()) < limit  # a cache hit rewrites nothing
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    script = Path(sys.executable).with_name("tokenflow")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "tokenflow.cli"]
+    proc = subprocess.run(cmd + ["edit", str(env.clip), "--prompt", "a cat", "--model", str(env.model), "--out",
+                                 str(out), "--cache-dir", str(env.cache), *SMALL, "--quiet"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=limited,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("tokenflow: error:") and "File too large while writing" in lines[0]
+    assert proc.stdout == ""
+    assert tree_digest(out) == before and tree_digest(env.cache) == cache_before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
 # ----------------------------------------------------------------------------- 9. help, entry point
 
 

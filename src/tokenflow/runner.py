@@ -64,7 +64,8 @@ def _default_out(options: RunOptions) -> Path:
 
 
 def _prepare(
-    options: RunOptions, editor: TokenFlowEditor | None, workdir: Callable[[], Path], with_controlnet: bool = False
+    options: RunOptions, editor: TokenFlowEditor | None, workdir: Callable[[], Path], with_controlnet: bool = False,
+    space: tuple[Path, str] | None = None,
 ):
     """Load the model, then stream the selected frames, resized to the working size, into the folder ``workdir()``
     returns (asked for only then, so nothing is created when the input or the model is refused).
@@ -74,6 +75,10 @@ def _prepare(
     """
     timings = {}
     info = video_io.probe(options.video)  # a bad input fails here, before the model loads
+    if space is not None:  # (folder, option): too little room for the staged frames fails here too
+        need = video_io.staged_bytes(info, options.start, options.stride, options.max_frames, options.size,
+                                     copies=2 if with_controlnet else 1)
+        video_io.check_free_space(space[0], need, space[1])
     frames_in = video_io.read_frames(options.video, options.start, options.stride, options.max_frames,
                                      allow_partial=options.allow_partial)
     started = time.perf_counter()
@@ -158,11 +163,15 @@ def invert_video(
         return staged[-1]
 
     try:
-        editor, frames, _, timings = _prepare(options, editor, workdir)
+        editor, frames, _, timings = _prepare(options, editor, workdir, space=(root, "cache_dir"))
         try:
             source, hit = _invert(editor, frames, options, timings, progress, cancel)
         finally:
             frames.close()
+    except OSError as exc:
+        if video_io.is_out_of_space(exc):
+            raise video_io.out_of_space_error(exc, root, "cache_dir") from exc
+        raise
     finally:
         for folder in staged:
             shutil.rmtree(folder, ignore_errors=True)
@@ -199,7 +208,7 @@ def edit_video(
     options.check_inputs()
     progress = _progress(options, progress)
     out_dir = Path(options.out) if options.out is not None else _default_out(options)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    video_io.check_writable(out_dir.parent, "out", target=out_dir)  # before any heavy work
     _remove_dead_staging(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     umask = os.umask(0)
@@ -211,7 +220,8 @@ def edit_video(
     stores: list[FrameStore] = []
     try:
         editor, frames, info, timings = _prepare(options, editor, lambda: work,
-                                                 with_controlnet=options.mode == "controlnet")
+                                                 with_controlnet=options.mode == "controlnet",
+                                                 space=(out_dir.parent, "out"))
         stores.append(frames)
         check_cancelled(cancel)  # loading and staging take a while: a cancel meanwhile stops here
         control = None
@@ -254,10 +264,12 @@ def edit_video(
             logger.info("\n%s", evaluation.format_table())
         (staging / "run.json").write_text(json.dumps(report, indent=1, default=str))
         _move_into_place(staging, out_dir)
-    except BaseException:
+    except BaseException as exc:
         for store in stores:
             store.close()
         shutil.rmtree(staging, ignore_errors=True)
+        if video_io.is_out_of_space(exc):  # the disk filled up: one line; the earlier output is untouched
+            raise video_io.out_of_space_error(exc, out_dir.parent, "out") from exc
         raise
     logger.info("wrote %s", out_dir)
     return RunResult(

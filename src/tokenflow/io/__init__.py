@@ -23,6 +23,7 @@ from .preview import contact_sheet, side_by_side
 from .probe import ALPHA_BACKGROUND, DEFAULT_FOLDER_FPS, IMAGE_EXTENSIONS, VideoInfo, probe
 from .read import FrameReader, frame_spans, load_frames, read_frames
 from .size import resize_frames, working_size
+from .space import check_free_space, check_writable, is_out_of_space, out_of_space_error, staged_bytes
 from .write import VFR_TIME_BASE, VideoWriter, write_video
 
 __all__ = [
@@ -34,13 +35,18 @@ __all__ = [
     "VFR_TIME_BASE",
     "VideoInfo",
     "VideoWriter",
+    "check_free_space",
+    "check_writable",
     "contact_sheet",
     "frame_spans",
+    "is_out_of_space",
     "load_frames",
+    "out_of_space_error",
     "probe",
     "read_frames",
     "resize_frames",
     "side_by_side",
+    "staged_bytes",
     "working_size",
     "write_video",
 ]
