@@ -105,7 +105,8 @@ def _check_exists(path: Path) -> None:
 
 def _open_input(path: Path) -> av.container.InputContainer:
     try:
-        container = av.open(str(path), mode="r")
+        # metadata that is not UTF-8 (a damaged or odd file) is read with replacement characters, not refused
+        container = av.open(str(path), mode="r", metadata_errors="replace")
     except av.error.EOFError as exc:
         raise InputError(
             f"{path}: ends before its first frame (no frames: an empty or truncated video); re-export it"
@@ -121,6 +122,9 @@ def _open_input(path: Path) -> av.container.InputContainer:
         only = " (audio only)" if container.streams.audio else ""
         container.close()
         raise InputError(f"{path}: has no video stream{only}; pass a video file")
+    if container.streams.video[0].codec_context is None:
+        container.close()
+        raise InputError(f"{path}: its video codec cannot be decoded by this FFmpeg build; re-encode it (e.g. to H.264)")
     return container
 
 

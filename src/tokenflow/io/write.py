@@ -198,7 +198,7 @@ class VideoWriter:
             log.info("%s: a folder of images has no audio; writing video only", source)
             return
         try:
-            container = av.open(str(source), mode="r")
+            container = av.open(str(source), mode="r", metadata_errors="replace")
         except av.FFmpegError as exc:
             raise InputError(f"{source}: cannot read audio ({_one_line(exc)}); check the file") from exc
         if not container.streams.audio:
