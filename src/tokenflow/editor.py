@@ -35,6 +35,7 @@ from .keyframes import RandomKeyframes, make_schedule
 from .modes import get_mode
 from .options import DEFAULT_NEGATIVE_PROMPT, EditConfig, resolve_inversion
 from .backbones import DEFAULT_MODEL, Backbone, TextConditioning, load_model
+from .backbones.base import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +211,7 @@ class TokenFlowEditor:
                     replaced = callback_on_step_end(step, t, x)
                     if replaced is not None:  # a callback may replace the latents (diffusers' convention)
                         x = replaced.to(x.device, x.dtype)
+                check_finite(x, f"the edited latents after step {step + 1}", model.dtype)  # fail early, not black
             state.reset()
         return EditOutput(
             latents=x,
