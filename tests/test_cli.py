@@ -480,19 +480,23 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(TokenFlowEditor, "from_pretrained", refuse)
 
 
-@pytest.mark.parametrize("where", ["under-a-file", "is-a-file"])
+@pytest.mark.parametrize("command, where, flag", [("edit", "under-a-file", "--out"), ("edit", "is-a-file", "--out"),
+                                                  ("edit", "cache-under-a-file", "--cache-dir"),
+                                                  ("invert", "cache-under-a-file", "--cache-dir")])
 def test_an_output_location_that_cannot_be_written_is_refused_before_the_model_loads(
-    env, tmp_path, capsys, no_model_load, where
+    env, tmp_path, capsys, no_model_load, command, where, flag
 ):
     blocker = tmp_path / "blocker.txt"
     blocker.write_text("a file, not a folder")
-    out = blocker / "out" if where == "under-a-file" else blocker
+    out = {"under-a-file": blocker / "out", "is-a-file": blocker}.get(where, tmp_path / "out")
+    cache = blocker / "cache" if where == "cache-under-a-file" else tmp_path / "cache"
+    argv = [command, str(env.clip), "--model", str(env.model), "--cache-dir", str(cache), *SMALL]
+    argv += ["--prompt", "a robot", "--out", str(out)] if command == "edit" else []
     capsys.readouterr()
-    rc = main(["edit", str(env.clip), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
-               "--cache-dir", str(tmp_path / "cache"), *SMALL])
+    rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert err.startswith("tokenflow: error:") and "--out" in err and str(blocker) in err
+    assert err.startswith("tokenflow: error:") and flag in err and str(blocker) in err
     assert blocker.read_text() == "a file, not a folder"
 
 

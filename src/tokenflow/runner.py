@@ -155,6 +155,7 @@ def invert_video(
     options.check_inputs(editing=False)
     progress = _progress(options, progress)
     root = InversionCache(options.cache_dir).root
+    video_io.check_writable(root, "cache_dir")  # before any heavy work
     staged: list[Path] = []
 
     def workdir() -> Path:
@@ -208,7 +209,8 @@ def edit_video(
     options.check_inputs()
     progress = _progress(options, progress)
     out_dir = Path(options.out) if options.out is not None else _default_out(options)
-    video_io.check_writable(out_dir.parent, "out", target=out_dir)  # before any heavy work
+    video_io.check_writable(out_dir.parent, "out", target=out_dir, create=True)  # before any heavy work
+    video_io.check_writable(InversionCache(options.cache_dir).root, "cache_dir")
     _remove_dead_staging(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     umask = os.umask(0)

@@ -25,18 +25,23 @@ MARGIN_BYTES = 32 * 2**20
 _MB = 2**20
 
 
-def check_writable(folder: Path, option: str, target: Path | None = None) -> None:
-    """Create ``folder`` (and its parents) if needed and write a scratch file there; :class:`InputError` naming
-    ``option`` (a field name) when that fails: a path under a file, no permission, a read-only filesystem; or when
-    ``target`` (the folder the run will put there) exists and is not a folder."""
+def check_writable(folder: Path, option: str, target: Path | None = None, create: bool = False) -> None:
+    """Whether the run can write in ``folder``: a scratch file is made (and removed) there, or, when it does not
+    exist yet and ``create`` is false, in its nearest existing parent; with ``create`` the folder is made.
+    :class:`InputError` naming ``option`` (a field name) when that fails: a path under a file, no permission, a
+    read-only filesystem; or when ``target`` (the folder the run will put there) exists and is not a folder."""
     folder = Path(folder)
     if target is not None and target.exists() and not target.is_dir():
         raise InputError(f"{target}: is a file, not an output folder; choose another `{option}`")
     try:
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        probe_in = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if probe_in is None:
+            return
+        if not probe_in.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{probe_in} is a file", str(probe_in))
+        with tempfile.TemporaryFile(dir=probe_in):
             pass
     except OSError as exc:
         reason = _one_line(exc.strerror or exc)
@@ -64,8 +69,10 @@ def staged_bytes(info: VideoInfo, start: int, stride: int, max_frames: int | Non
 
 def check_free_space(folder: Path, need: int, option: str) -> None:
     """:class:`InputError` naming ``option`` when ``folder``'s filesystem has less than ``need`` bytes free."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)  # the filesystem it will be on
     try:
-        free = shutil.disk_usage(folder).free
+        free = shutil.disk_usage(existing).free
     except OSError:
         return  # nothing to measure: the writes themselves will tell
     if free < need:
