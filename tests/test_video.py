@@ -485,6 +485,25 @@ def test_truncated_mp4_with_some_frames_is_refused_or_warns(tmp_path, clips, cap
     assert any("truncated" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("args, suffix", [(["-ss", "1.25", "-c", "copy"], ".mp4"),  # an edit list hides frames
+                                          (["-ss", "1.25", "-t", "1.0", "-c", "copy"], ".mov"),
+                                          (["-c:v", "mpeg4"], ".avi"),  # its header counts one frame more
+                                          (["-c", "copy"], ".ts")])  # no frame count at all
+def test_whole_files_made_by_ffmpeg_are_not_taken_for_truncated(tmp_path, caplog, args, suffix):
+    import subprocess
+
+    ffmpeg = pytest.importorskip("imageio_ffmpeg").get_ffmpeg_exe()
+    src = tmp_path / "long.mp4"
+    make_pan_clip(src, num_frames=40, fps=10, audio=True)
+    out = tmp_path / f"made{suffix}"
+    subprocess.run([ffmpeg, "-loglevel", "error", "-y", "-i", str(src), *args, str(out)] if "-ss" not in args else
+                   [ffmpeg, "-loglevel", "error", "-y", *args[:2], "-i", str(src), *args[2:], str(out)], check=True)
+    with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
+        frames, _ = load_frames(out)
+    assert len(frames) >= 10
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+
+
 def damage_packet(src: Path, dst: Path, k: int) -> None:
     """Copy ``src``'s video packets into ``dst`` (same container type), packet ``k`` (decode order) replaced by
     random bytes of its size: a bit error the decoder reports."""

@@ -172,13 +172,37 @@ def _alpha_decoder(stream: av.video.stream.VideoStream):
     return context.decode
 
 
+@dataclass
+class PacketLog:
+    """The non-empty packets a decoding pass demuxed: how many, and the times of those meant to be shown."""
+
+    count: int = 0
+    shown: list = None
+
+    def __post_init__(self):
+        self.shown = [] if self.shown is None else self.shown
+
+    def missing(self, frame_times: list) -> Damage | None:
+        """Where a packet meant to be shown gave no frame (frame threading can swallow the decoder's error)."""
+        if len(frame_times) >= len(self.shown):
+            return None
+        decoded = set(frame_times)
+        lost = [t for t in self.shown if t is not None and t not in decoded]
+        what = f"{len(self.shown) - len(frame_times)} packet(s) gave no frame"
+        if not lost:
+            return Damage(len(frame_times), None, what)
+        return Damage(sum(1 for t in frame_times if t is not None and t < lost[0]), lost[0], what)
+
+
 def _decode_video(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, problems: list[Damage]
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, problems: list[Damage],
+    log_packets: PacketLog | None = None,
 ) -> Iterator[av.VideoFrame]:
     """Decode a video stream packet by packet, skipping packets the decoder rejects.
 
     A truncated or damaged file then still yields every frame that decodes; what went
     wrong is appended to ``problems`` (the caller decides whether to warn or fail).
+    ``log_packets`` records the packets demuxed.
     """
     decode = _alpha_decoder(stream) or stream.decode
     packets = container.demux(stream)
@@ -192,6 +216,10 @@ def _decode_video(
         except av.FFmpegError as exc:  # the demuxer gave up: flush what the decoder holds
             problems.append(Damage(count, last_time, _ffmpeg_reason(exc)))
             packet = None
+        if log_packets is not None and packet is not None and packet.size:
+            log_packets.count += 1
+            if not packet.is_discard:  # an edit list's hidden frames decode but are not shown
+                log_packets.shown.append(_packet_time(packet))
         try:
             frames = decode(packet)
         except av.FFmpegError as exc:

@@ -22,6 +22,7 @@ from .probe import (
     _load_image,
     _open_input,
     Damage,
+    PacketLog,
     _rotation_of,
     _stream_fps,
     _undecodable,
@@ -136,18 +137,21 @@ def _frame_time(frame: av.VideoFrame, origin: float | None, index: int, fps: flo
 
 
 def _tagged_end(stream: av.video.stream.VideoStream) -> float | None:
-    """When the stream ends by its own header: its duration, else Matroska's per-stream ``DURATION`` tag
-    (``HH:MM:SS.fraction``, written by the muxer once the stream was complete), in seconds of its time base."""
+    """When a Matroska/WebM stream ends by its ``DURATION`` tag (``HH:MM:SS.fraction``: the last packet's time plus
+    its duration, written by FFmpeg's muxer once the stream was complete), in seconds; None without one. (Other
+    containers' durations are estimates, an avi's from its frame count; mp4's sample table is checked instead.)"""
     try:
-        if stream.duration is not None and stream.time_base is not None:
-            return float((stream.start_time or 0) * stream.time_base) + float(stream.duration * stream.time_base)
         tag = (stream.metadata or {}).get("DURATION")
         if tag:
             hours, minutes, seconds = tag.split(":")
             return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+    except (TypeError, ValueError, OverflowError):
         pass
     return None
+
+
+def _sample_table(container: av.container.InputContainer) -> bool:
+    return any(name in ("mov", "mp4") for name in container.format.name.split(","))
 
 
 def _after(count: int, last: float | None) -> str:
@@ -175,13 +179,16 @@ def _iter_container(
                 problems.clear()
             stream = container.streams.video[0]
             stream.thread_type = thread_type
-            expected = int(stream.frames) if stream.frames else None
+            # the sample table of mp4/mov lists every packet (other containers' counts are estimates: an avi's
+            # may count one more), and an edit list may hide some frames: compare it with the packets read
+            expected = int(stream.frames) if stream.frames and _sample_table(container) else None
+            packets = PacketLog()
             fps = _stream_fps(stream)
             origin = (float(stream.start_time * stream.time_base)
                       if stream.start_time is not None and stream.time_base is not None else None)
             times: list[float | None] = []  # of every frame this pass decodes
             last_duration = 0.0
-            for frame in _decode_video(container, stream, problems):
+            for frame in _decode_video(container, stream, problems, packets):
                 times.append(frame.time)
                 if len(times) <= index or (problems and not allow_partial):
                     continue  # handled in the first pass, or past the damage (only counted: refused below)
@@ -195,6 +202,9 @@ def _iter_container(
                     if max_frames is not None and yielded >= max_frames:
                         return
                 index += 1
+            lost = None if problems or stream.codec_context.name == "vp8" else packets.missing(times)
+            if lost is not None:  # (VP8 may store invisible frames as packets of their own)
+                problems.append(lost)
             if not problems:
                 break
         end = _tagged_end(stream)
@@ -213,8 +223,8 @@ def _iter_container(
             frame = sum(1 for t in times if t is not None and t < damage.time - 1e-9)
         at = f"at frame {frame}" + ("" if damage.time is None else f" (about {damage.time:.2f} s)")
         reason = damage.reason
-    elif expected is not None and total < expected:  # the demuxer ended early, without an error
-        at, reason = _after(total, last), f"the header says {expected} frames"
+    elif expected is not None and packets.count < expected:  # the data ends before the sample table does
+        at, reason = _after(total, last), f"the header lists {expected} frames, the file holds {packets.count}"
     elif end is not None and last is not None and last + 2 * max(last_duration, 1 / fps) < end:
         at, reason = _after(total, last), f"the stream lasts {end:.2f} s by its header"
     if at is not None:
