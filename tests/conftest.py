@@ -54,6 +54,52 @@ def pan6() -> torch.Tensor:
     return torch.from_numpy(pan_frames(num_frames=6, width=96, height=64, shift=4))
 
 
+# -- a variable-frame-rate clip
+
+VFR_TIMES = [0.0, 0.083, 0.167, 0.333, 0.4, 0.6, 0.65, 0.7, 1.0, 1.1, 1.25, 1.3]  # seconds
+
+
+def write_vfr_clip(path: Path, times=VFR_TIMES, width: int = 192, height: int = 128, audio: bool = False) -> None:
+    """A pan whose frame i is shown at times[i] (pts set explicitly, millisecond time base); H.264 in mp4, FFV1
+    in mkv; with ``audio`` an AAC tone as long as the clip (last frame shown 0.1 s)."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    from tokenflow.testing import pan_frames
+
+    frames = pan_frames(num_frames=len(times), width=width, height=height)
+    lossless = path.suffix == ".mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1" if lossless else "libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "bgr0" if lossless else "yuv420p"
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        if audio:
+            rate = 44100
+            sound = container.add_stream("aac", rate=rate, layout="mono")
+            t = np.arange(round((times[-1] + 0.1) * rate)) / rate
+            tone = av.AudioFrame.from_ndarray((0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None],
+                                              format="fltp", layout="mono")
+            tone.sample_rate, tone.pts, tone.time_base = rate, 0, Fraction(1, rate)
+            container.mux(sound.encode(tone))
+            container.mux(sound.encode(None))
+        for frame, t in zip(frames, times):
+            image = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            image.pts, image.time_base = round(t * 1000), Fraction(1, 1000)
+            container.mux(stream.encode(image))
+        container.mux(stream.encode(None))
+
+
+def frame_times(path: Path) -> tuple[list[float], float]:
+    """Presentation times (seconds) of every decoded frame of ``path``, and its video time base."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [float(frame.time) for frame in container.decode(stream)], float(stream.time_base)
+
+
 def assert_real_edit(out: Path, frames: int, size: tuple[int, int], other: Path | None = None) -> None:
     """``out`` holds an edit, not just files: ``edited.mp4`` has ``frames`` frames of ``size`` (w, h) like
     ``source.mp4``, and differs from it and from ``other``'s edit (another prompt's) by far more than H.264's

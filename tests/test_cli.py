@@ -120,6 +120,29 @@ def test_edited_video_has_selected_frames_fps_aspect_and_audio(first_run, pan_cl
         assert preview.width > 0 and preview.height > 0
 
 
+def test_a_variable_frame_rate_clip_keeps_its_frame_times_and_audio_sync(env, tmp_path):
+    """Irregular source timestamps (0, 0.083, 0.167, 0.333, ...): every output keeps each selected frame's time
+    relative to the first selected one (within a tick), and the audio spans the same time as the video."""
+    import numpy as np
+
+    from conftest import VFR_TIMES, frame_times, write_vfr_clip
+
+    clip = tmp_path / "vfr.mp4"
+    write_vfr_clip(clip, width=144, height=96, audio=True)
+    out = tmp_path / "vfr-out"
+    rc = main(["edit", str(clip), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
+               "--cache-dir", str(env.cache), *SMALL, "--start", "1", "--max-frames", "8", "--quiet"])
+    assert rc == 0
+    expected = np.asarray(VFR_TIMES[1:9]) - VFR_TIMES[1]
+    for name in ("edited.mp4", "source.mp4", "side_by_side.mp4"):
+        got, tick = frame_times(out / name)
+        assert len(got) == 8, name
+        np.testing.assert_allclose(got, expected, atol=max(tick, 1e-3) + 1e-9, err_msg=name)
+        stats = video_stats(out / name)
+        # the audio covers the frames' span: the 8th frame is shown for the median gap (0.084 s; the 9th comes at 1.1)
+        assert stats["audio_seconds"] == pytest.approx(VFR_TIMES[9] - VFR_TIMES[1], abs=0.06), name
+
+
 def test_run_json_records_the_run(first_run, env):
     run = report(first_run)
     params = run["parameters"]
@@ -352,7 +375,30 @@ def bad_files(tmp_path_factory, pan_clip) -> dict[str, Path]:
     not_model = root / "not-a-model"
     not_model.mkdir()
     (not_model / "weights.txt").write_text("nothing here")
-    return dict(missing=root / "missing.mp4", text=text, truncated=truncated, empty=empty, not_model=not_model)
+    return dict(missing=root / "missing.mp4", text=text, truncated=truncated, empty=empty, not_model=not_model,
+                cut_mkv=cut_mkv(root / "cut.mkv"), audio_only=audio_only(pan_clip, root / "tone.m4a"))
+
+
+def cut_mkv(path: Path) -> Path:
+    """The clip as lossless FFV1 cut in half: the first frames decode, the header's duration says more."""
+    from tokenflow.testing import make_pan_clip
+
+    whole = path.with_name("whole.mkv")
+    make_pan_clip(whole, num_frames=N, width=144, height=96, shift=4, fps=FPS)
+    data = whole.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def audio_only(clip: Path, path: Path) -> Path:
+    with av.open(str(clip)) as inp, av.open(str(path), "w") as out:
+        stream = inp.streams.audio[0]
+        copy = out.add_stream_from_template(stream)
+        for packet in inp.demux(stream):
+            if packet.size:
+                packet.stream = copy
+                out.mux(packet)
+    return path
 
 
 # (case id, argv changes, text the error line must contain); "{...}" names a bad_files entry
@@ -361,6 +407,9 @@ BAD_INPUTS = [
     ("text-file", dict(video="{text}"), "notes.mp4"),
     ("truncated-mp4", dict(video="{truncated}"), "truncated.mp4"),
     ("empty-mp4", dict(video="{empty}"), "empty.mp4"),
+    ("truncated-mkv", dict(video="{cut_mkv}"), "cut.mkv: truncated or damaged after frame"),
+    ("truncated-mkv-names-the-flag", dict(video="{cut_mkv}"), "--allow-partial"),
+    ("audio-only", dict(video="{audio_only}"), "tone.m4a: has no video stream (audio only)"),
     ("empty-prompt", dict(prompt=""), "--prompt"),
     ("blank-prompt", dict(prompt="   "), "--prompt"),
     ("size-16", dict(extra=["--size", "16"]), "--size"),
@@ -393,6 +442,145 @@ def test_bad_input_is_one_line_error_and_writes_nothing(env, bad_files, tmp_path
     rc = main(argv)
     assert_one_line_error(rc, capsys, tmp_path, out, needle)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_allow_partial_edits_the_frames_of_a_truncated_video_that_decode(env, bad_files, tmp_path, caplog):
+    import logging
+
+    out = tmp_path / "partial"
+    argv = ["edit", str(bad_files["cut_mkv"]), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache"), *SMALL, "--allow-partial", "--quiet"]
+    with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
+        assert main(argv) == 0
+    assert any("truncated or damaged" in r.getMessage() for r in caplog.records)  # a warning, even under --quiet
+    frames = video_stats(out / "edited.mp4")["frames"]
+    assert 1 <= frames < N
+    assert report(out)["parameters"]["allow_partial"] is True
+
+
+# ----------------------------------------------------------------------------- 8b. where the output goes
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under ``folder``."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if the model starts loading: the checks under test must come first."""
+    from tokenflow.editor import TokenFlowEditor
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output location was checked")
+
+    monkeypatch.setattr(TokenFlowEditor, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("command, where, flag", [("edit", "under-a-file", "--out"), ("edit", "is-a-file", "--out"),
+                                                  ("edit", "cache-under-a-file", "--cache-dir"),
+                                                  ("invert", "cache-under-a-file", "--cache-dir")])
+def test_an_output_location_that_cannot_be_written_is_refused_before_the_model_loads(
+    env, tmp_path, capsys, no_model_load, command, where, flag
+):
+    blocker = tmp_path / "blocker.txt"
+    blocker.write_text("a file, not a folder")
+    out = {"under-a-file": blocker / "out", "is-a-file": blocker}.get(where, tmp_path / "out")
+    cache = blocker / "cache" if where == "cache-under-a-file" else tmp_path / "cache"
+    argv = [command, str(env.clip), "--model", str(env.model), "--cache-dir", str(cache), *SMALL]
+    argv += ["--prompt", "a robot", "--out", str(out)] if command == "edit" else []
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("tokenflow: error:") and flag in err and str(blocker) in err
+    assert blocker.read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("command, flag", [("edit", "--out"), ("invert", "--cache-dir")])
+def test_too_little_free_space_is_refused_before_the_model_loads(env, tmp_path, capsys, monkeypatch, no_model_load,
+                                                                 command, flag):
+    from collections import namedtuple
+
+    import tokenflow.io.space as space
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(space.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))  # 1 MB free
+    out = tmp_path / "out"
+    argv = [command, str(env.clip), "--model", str(env.model), "--cache-dir", str(tmp_path / "cache"), *SMALL]
+    argv += ["--prompt", "a robot", "--out", str(out)] if command == "edit" else []
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "1 MB free, the run needs about" in err and flag in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_disk_that_fills_while_the_outputs_are_written_fails_in_one_line_keeping_the_old_output(
+    env, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    from tokenflow.io import VideoWriter
+
+    out = tmp_path / "out"
+    rc = main(["edit", str(env.clip), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
+               "--cache-dir", str(env.cache), *SMALL, "--quiet"])
+    assert rc == 0
+    before, cache_before = tree_digest(out), tree_digest(env.cache)
+    real_write = VideoWriter.write
+
+    def write(self, frame, *args, **kwargs):
+        if self.frames_written == 3 and self.path.name == "side_by_side.mp4":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real_write(self, frame, *args, **kwargs)
+
+    monkeypatch.setattr(VideoWriter, "write", write)
+    capsys.readouterr()
+    rc = main(["edit", str(env.clip), "--prompt", "a cat", "--model", str(env.model), "--out", str(out),
+               "--cache-dir", str(env.cache), *SMALL, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "No space left on device while writing" in err and "--out" in err
+    assert tree_digest(out) == before and tree_digest(env.cache) == cache_before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_a_file_size_limit_hit_while_staging_fails_cleanly_in_a_real_process(env, tmp_path):
+    """RLIMIT_FSIZE below the staged frames' size (SIGXFSZ ignored, so the write raises EFBIG): exit 2, one line, no
+    traceback; the earlier output folder and the inversion cache stay as they were, no staging folder is left."""
+    import resource
+    import signal
+
+    out = tmp_path / "out"
+    rc = main(["edit", str(env.clip), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
+               "--cache-dir", str(env.cache), *SMALL, "--quiet"])
+    assert rc == 0
+    before, cache_before = tree_digest(out), tree_digest(env.cache)
+    staged = N * OUT_W * OUT_H * 3  # frames.rgb
+    limit = staged // 2
+    assert max(p.stat().st_size for p in env.cache.rglob("*") if p.is_file()) < limit  # a cache hit rewrites nothing
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    script = Path(sys.executable).with_name("tokenflow")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "tokenflow.cli"]
+    proc = subprocess.run(cmd + ["edit", str(env.clip), "--prompt", "a cat", "--model", str(env.model), "--out",
+                                 str(out), "--cache-dir", str(env.cache), *SMALL, "--quiet"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=limited,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("tokenflow: error:") and "File too large while writing" in lines[0]
+    assert proc.stdout == ""
+    assert tree_digest(out) == before and tree_digest(env.cache) == cache_before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
 # ----------------------------------------------------------------------------- 9. help, entry point

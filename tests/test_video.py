@@ -14,9 +14,11 @@ from PIL import Image
 
 from tokenflow.errors import InputError
 from tokenflow.io import (
+    VFR_TIME_BASE,
     VideoInfo,
     VideoWriter,
     contact_sheet,
+    frame_spans,
     load_frames,
     probe,
     read_frames,
@@ -26,6 +28,8 @@ from tokenflow.io import (
     write_video,
 )
 from tokenflow.testing import make_pan_clip, pan_frames
+
+from conftest import VFR_TIMES, frame_times, write_vfr_clip
 
 N, W, H, SHIFT, FPS = 16, 192, 128, 6, 10
 
@@ -444,24 +448,130 @@ def test_truncated_mp4_without_frames(tmp_path, clips, keep):
     assert_one_line_naming(exc, path)
 
 
-def test_truncated_file_returns_what_decodes(tmp_path, clips, caplog):
+def test_truncated_mkv_is_refused_saying_where_it_breaks(tmp_path, clips):
+    data = clips["mkv"].read_bytes()
+    path = tmp_path / "cut.mkv"
+    path.write_bytes(data[: len(data) // 2])  # the demuxer just stops: no error, the header's duration tells
+    with pytest.raises(InputError) as exc:
+        load_frames(path)
+    assert_one_line_naming(exc, path)
+    message = str(exc.value)
+    assert "truncated or damaged after frame" in message and "`allow_partial`" in message
+
+
+def test_truncated_file_with_allow_partial_returns_what_decodes(tmp_path, clips, caplog):
     data = clips["mkv"].read_bytes()
     path = tmp_path / "cut.mkv"
     path.write_bytes(data[: len(data) // 2])
     with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
-        frames, _ = load_frames(path)
+        frames, _ = load_frames(path, allow_partial=True)
     assert 1 <= len(frames) < N
-    np.testing.assert_array_equal(frames[0], photo_crop(0))
+    for i, frame in enumerate(frames):
+        np.testing.assert_array_equal(frame, photo_crop(i))
+    assert any("truncated" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
 
 
-def test_truncated_mp4_with_some_frames_warns(tmp_path, clips, caplog):
+def test_truncated_mp4_with_some_frames_is_refused_or_warns(tmp_path, clips, caplog):
     data = clips["mp4"].read_bytes()
     path = tmp_path / "cut.mp4"
     path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError) as exc:
+        load_frames(path)
+    assert_one_line_naming(exc, path)
+    assert "truncated or damaged" in str(exc.value) and "`allow_partial`" in str(exc.value)
     with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
-        frames, info = load_frames(path)
+        frames, info = load_frames(path, allow_partial=True)
     assert 1 <= len(frames) < N
     assert any("truncated" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("args, suffix", [(["-ss", "1.25", "-c", "copy"], ".mp4"),  # an edit list hides frames
+                                          (["-ss", "1.25", "-t", "1.0", "-c", "copy"], ".mov"),
+                                          (["-c:v", "mpeg4"], ".avi"),  # its header counts one frame more
+                                          (["-c", "copy"], ".ts")])  # no frame count at all
+def test_whole_files_made_by_ffmpeg_are_not_taken_for_truncated(tmp_path, caplog, args, suffix):
+    import subprocess
+
+    ffmpeg = pytest.importorskip("imageio_ffmpeg").get_ffmpeg_exe()
+    src = tmp_path / "long.mp4"
+    make_pan_clip(src, num_frames=40, fps=10, audio=True)
+    out = tmp_path / f"made{suffix}"
+    subprocess.run([ffmpeg, "-loglevel", "error", "-y", "-i", str(src), *args, str(out)] if "-ss" not in args else
+                   [ffmpeg, "-loglevel", "error", "-y", *args[:2], "-i", str(src), *args[2:], str(out)], check=True)
+    with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
+        frames, _ = load_frames(out)
+    assert len(frames) >= 10
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+
+
+def damage_packet(src: Path, dst: Path, k: int) -> None:
+    """Copy ``src``'s video packets into ``dst`` (same container type), packet ``k`` (decode order) replaced by
+    random bytes of its size: a bit error the decoder reports."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        stream = inp.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        for i, packet in enumerate(p for p in inp.demux(stream) if p.size):
+            if i == k:
+                noise = av.Packet(np.random.default_rng(0).integers(0, 256, packet.size, np.uint8).tobytes())
+                noise.pts, noise.dts, noise.time_base = packet.pts, packet.dts, packet.time_base
+                noise.is_keyframe = packet.is_keyframe
+                packet = noise
+            packet.stream = copy
+            out.mux(packet)
+
+
+def test_a_damaged_frame_mid_video_is_refused_naming_it_or_skipped_with_allow_partial(tmp_path, clips, caplog):
+    path = tmp_path / "damaged.mkv"
+    damage_packet(clips["mkv"], path, 5)  # FFV1: frame 5 is lost; the next ones may be off until a keyframe
+    with pytest.raises(InputError) as exc:
+        list(read_frames(path))
+    assert_one_line_naming(exc, path)
+    assert "damaged at frame 5 (about 0.50 s)" in str(exc.value)
+    with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
+        frames, _ = load_frames(path, allow_partial=True)
+    assert len(frames) == N - 1
+    for i in range(5):
+        np.testing.assert_array_equal(frames[i], photo_crop(i))
+    assert any("frame 5" in r.getMessage() for r in caplog.records)
+    # a selection that ends before the damage never reaches it: no error
+    assert len(load_frames(path, max_frames=5)[0]) == 5
+
+
+def test_unreadable_image_in_a_folder_is_refused_or_skipped(tmp_path, clips, caplog):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, image in enumerate(sorted(clips["png"].iterdir())[:4]):
+        (folder / image.name).write_bytes(image.read_bytes()[: 100 if i == 2 else None])
+    with pytest.raises(InputError, match="`allow_partial`"):
+        load_frames(folder)
+    with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
+        frames, _ = load_frames(folder, allow_partial=True)
+    assert len(frames) == 3
+    np.testing.assert_array_equal(frames[2], photo_crop(3))
+
+
+def test_audio_only_and_frameless_files_are_one_line_errors(tmp_path):
+    audio_only = tmp_path / "tone.m4a"
+    write_clip_with_audio(tmp_path / "with_video.mp4", 1.0, lambda t: 0.2 * np.sin(2 * np.pi * 440 * t))
+    with av.open(str(tmp_path / "with_video.mp4")) as inp, av.open(str(audio_only), "w") as out:
+        stream = inp.streams.audio[0]
+        copy = out.add_stream_from_template(stream)
+        for packet in inp.demux(stream):
+            if packet.size:
+                packet.stream = copy
+                out.mux(packet)
+    frameless = tmp_path / "frameless.mkv"
+    with av.open(str(frameless), "w") as container:
+        stream = container.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "bgr0"
+        container.start_encoding()  # the header, then not one frame
+    assert frameless.stat().st_size > 0
+    for path, needle in ((audio_only, "no video stream (audio only)"), (frameless, "no frames")):
+        for call in (probe, load_frames):
+            with pytest.raises(InputError) as exc:
+                call(path)
+            assert_one_line_naming(exc, path)
+            assert needle in str(exc.value)
 
 
 def test_start_past_end(clips):
@@ -510,3 +620,169 @@ def test_sample_clip_in_repo():
     assert (info.width, info.height, info.num_frames, info.has_audio) == (384, 256, 32, True)
     assert info.fps == pytest.approx(12.0)
     assert path.stat().st_size < 300_000
+
+
+# ----------------------------------------------------------------------------- variable frame rate
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_reading_records_each_frames_presentation_time(tmp_path, suffix):
+    path = tmp_path / f"vfr{suffix}"
+    write_vfr_clip(path)
+    reader = read_frames(path, start=1, stride=2)
+    frames = list(reader)
+    assert len(frames) == len(reader.times) == 6
+    np.testing.assert_allclose(reader.times, VFR_TIMES[1::2], atol=1e-3)
+    assert reader.variable_times() == reader.times
+
+
+@pytest.mark.parametrize("kind", ["mkv", "mp4", "mp4_audio", "gif", "png"])
+def test_constant_rate_sources_are_not_variable(clips, kind):
+    reader = read_frames(clips[kind], stride=3)
+    frames = list(reader)
+    assert reader.variable_times() is None
+    np.testing.assert_allclose(np.diff(reader.times), 3 / FPS, atol=0.011)  # gif: centiseconds
+    assert len(frames) == 6 if kind != "mp4_audio" else 7
+
+
+@pytest.mark.parametrize("src_suffix, out_suffix", [(".mp4", ".mp4"), (".mkv", ".mp4"), (".mp4", ".mkv")])
+def test_written_video_keeps_variable_frame_times(tmp_path, src_suffix, out_suffix):
+    """read -> write with the recorded times: each output frame is shown when it was in the source (relative to
+    the first selected frame), within one tick of the coarser time base."""
+    src = tmp_path / f"vfr{src_suffix}"
+    write_vfr_clip(src)
+    start, stride = 2, 1
+    reader = read_frames(src, start=start, stride=stride)
+    frames = list(reader)
+    times = reader.variable_times()
+    assert times is not None
+    out = tmp_path / f"out{out_suffix}"
+    with VideoWriter(out, 10, W, H, time_base=VFR_TIME_BASE) as writer:
+        for frame, (t, end) in zip(frames, frame_spans(times)):
+            writer.write(frame, time=t, duration=end - t)
+    got, tick = frame_times(out)
+    expected = np.asarray(VFR_TIMES[start::stride]) - VFR_TIMES[start]
+    assert len(got) == len(expected)
+    np.testing.assert_allclose(got, expected, atol=max(tick, 1e-3) + 1e-9)
+    # an evenly spaced write would put frame 3 (source 0.6 s) at 0.3 s: far outside the tolerance
+    assert abs(got[3] - 0.3) > 0.1
+    back = load_frames(out)[0]
+    assert np.abs(back.astype(int) - pan_frames(num_frames=len(VFR_TIMES))[start:]).mean() < 4
+
+
+def test_writer_with_a_time_base_needs_increasing_times(tmp_path):
+    frame = np.zeros((48, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="increase"):
+        with VideoWriter(tmp_path / "t.mp4", 10, 64, 48, time_base=VFR_TIME_BASE) as writer:
+            writer.write(frame, time=0.5)
+            writer.write(frame, time=0.5)
+    assert not (tmp_path / "t.mp4").exists()
+    with pytest.raises(ValueError, match="time"):
+        with VideoWriter(tmp_path / "u.mp4", 10, 64, 48) as writer:
+            writer.write(frame, time=0.5)
+
+
+# ----------------------------------------------------------------------------- alpha, bit depth, chroma, rgb
+
+
+def rgba_pan(num_frames: int = 4, width: int = 64, height: int = 48) -> np.ndarray:
+    """The pan with an alpha ramp across each frame (0 at the left edge, 255 at the right), ``[N,H,W,4]``."""
+    rgb = pan_frames(num_frames=num_frames, width=width, height=height)
+    alpha = np.broadcast_to(np.linspace(0, 255, width).round().astype(np.uint8)[None, None, :, None],
+                            (num_frames, height, width, 1))
+    return np.concatenate([rgb, alpha], axis=-1)
+
+
+def over_black(rgba: np.ndarray) -> np.ndarray:
+    """The documented compositing, computed independently in floating point."""
+    return np.round(rgba[..., :3] * (rgba[..., 3:4] / 255.0)).astype(np.uint8)
+
+
+def test_rgba_png_folder_is_composited_over_black(tmp_path):
+    from tokenflow.io import ALPHA_BACKGROUND
+
+    assert ALPHA_BACKGROUND == (0, 0, 0)
+    frames = rgba_pan()
+    folder = tmp_path / "rgba"
+    folder.mkdir()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame, "RGBA").save(folder / f"{i}.png")
+    got, info = load_frames(folder)
+    assert got.shape == (4, 48, 64, 3) and (info.width, info.height) == (64, 48)
+    assert np.abs(got.astype(int) - over_black(frames)).max() <= 1
+    assert got[:, :, 0].max() == 0  # fully transparent: the background, not the photo under it
+    np.testing.assert_array_equal(got[:, :, -1], frames[:, :, -1, :3])  # opaque: untouched
+
+
+def test_gif_transparency_is_composited_over_black(tmp_path):
+    path = tmp_path / "t.gif"
+    images = []
+    for i in range(3):
+        rgba = np.zeros((32, 48, 4), np.uint8)
+        rgba[..., 1] = 180
+        rgba[:, : 16 + 8 * i, 3] = 255  # the opaque part grows; the rest is the gif's transparent colour
+        images.append(Image.fromarray(rgba, "RGBA"))
+    images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0, disposal=2)
+    got, _ = load_frames(path)
+    assert got.shape == (3, 32, 48, 3)
+    for i, frame in enumerate(got):
+        assert np.abs(frame[:, : 16 + 8 * i].astype(int) - (0, 180, 0)).max() <= 2
+        assert frame[:, 16 + 8 * i :].max() == 0
+
+
+def test_vp9_webm_with_alpha_is_composited_over_black(tmp_path):
+    path = tmp_path / "alpha.webm"
+    frames = rgba_pan()
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=10, options={"lossless": "1"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuva420p"
+        for i, frame in enumerate(frames):
+            image = av.VideoFrame.from_ndarray(frame, format="rgba")
+            image.pts = i
+            container.mux(stream.encode(image))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        if container.streams.video[0].metadata.get("alpha_mode") != "1":
+            pytest.skip("this libvpx did not store an alpha channel")
+    got, _ = load_frames(path)
+    assert got.shape == (4, 48, 64, 3)
+    expected = over_black(frames)
+    assert np.abs(got.astype(int) - expected).mean() < 3  # 4:2:0 chroma
+    assert got[:, :, 0].max() <= 4  # transparent: black, not the photo under it
+    assert np.abs(got.astype(int) - frames[..., :3]).mean() > 20  # the alpha was not dropped
+
+
+# (codec, pixel format, container, options, largest mean abs error): lossless 4:4:4 and rgb come back exact up to
+# 8-bit YUV rounding; 4:2:0 loses chroma detail, as an 8-bit yuv420p clip does
+DEPTHS = [
+    ("libx264", "yuv444p10le", ".mp4", {"qp": "0"}, 0.1),
+    ("ffv1", "yuv444p10le", ".mkv", {}, 0.1),
+    ("ffv1", "yuv420p10le", ".mkv", {}, 3.0),
+    ("libx264", "yuv420p10le", ".mkv", {"qp": "0"}, 3.0),
+    ("libx264", "yuv444p", ".mp4", {"qp": "0"}, 0.6),
+    ("libx264rgb", "rgb24", ".mkv", {"qp": "0"}, 0.0),
+    ("ffv1", "gbrp10le", ".mkv", {}, 0.0),
+    ("png", "rgb48be", ".mov", {}, 0.0),
+    ("ffv1", "yuv444p16le", ".mkv", {}, 0.1),
+]
+
+
+@pytest.mark.parametrize("codec, pix_fmt, suffix, options, tolerance", DEPTHS, ids=[d[1] + d[2] for d in DEPTHS])
+def test_high_bit_depth_444_and_rgb_sources_read_with_their_colours(tmp_path, codec, pix_fmt, suffix, options,
+                                                                     tolerance):
+    frames = pan_frames(num_frames=3, width=64, height=48)
+    path = tmp_path / f"clip{suffix}"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=10, options=options)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        for i, frame in enumerate(frames):
+            image = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            image.pts = i
+            container.mux(stream.encode(image))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.pix_fmt in (pix_fmt, "gbrp")  # libx264rgb stores gbrp
+    got, _ = load_frames(path)
+    assert got.shape == frames.shape and got.dtype == np.uint8
+    error = np.abs(got.astype(int) - frames)
+    assert error.mean() <= tolerance
+    assert np.abs(got.astype(int) - frames[..., ::-1]).mean() > 10  # swapped channels would show

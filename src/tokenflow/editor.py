@@ -37,6 +37,7 @@ from .keyframes import RandomKeyframes, make_schedule
 from .modes import get_mode
 from .options import DEFAULT_NEGATIVE_PROMPT, EditConfig, resolve_inversion
 from .backbones import DEFAULT_MODEL, Backbone, TextConditioning, load_model
+from .backbones.base import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,7 @@ class TokenFlowEditor:
         with tokenflow_attention(model.unet, state, model.layers(config.layers)):
             for step, t in enumerate(timesteps):
                 bar.detail = f"step {step + 1}/{len(timesteps)}"
+                run.step = step
                 inject = plan.injections[t]  # PnP gating is part of the step
                 src_t = source.noisy[t]
                 if config.propagation == "none":
@@ -384,6 +386,7 @@ class _StepRunner:
         self.on_frames: Callable[[int], object] | None = None  # progress: frames finished
         self.max_cached_keyframes = 0
         self.max_keyframes_per_call = 0
+        self.step = 0  # the step in progress (for messages)
 
     def __call__(self, frames: list[int], x: torch.Tensor, src_t: torch.Tensor, t: int, call: Call,
                  count: int | None = None):
@@ -405,4 +408,7 @@ class _StepRunner:
         eps = model.predicted_noise(guided, current, self.alphas[t])  # linear: CFG commutes with it
         if self.on_frames is not None:
             self.on_frames(n if count is None else count)
-        return ddim_transition(current, eps, self.alphas[t], self.alpha_next[t])
+        nxt = ddim_transition(current, eps, self.alphas[t], self.alpha_next[t])
+        # checked per call, so a full-length array on disk is never read back for it; fail early, not black
+        check_finite(nxt, f"the edited latents after step {self.step + 1}", self.model.dtype)
+        return nxt

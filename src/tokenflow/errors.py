@@ -11,3 +11,8 @@ class InputError(TokenFlowError, ValueError):
 
 class ModelLoadError(TokenFlowError):
     """A model that cannot be found or loaded; the message says how to fix it."""
+
+
+class NumericalError(TokenFlowError):
+    """NaN or inf in latents or decoded frames (float16 overflowed): refused rather than written as a black video;
+    the message names the dtype option to change."""

@@ -262,6 +262,10 @@ class RunOptions(EditConfig):
         1, help="Take every STRIDE-th frame (output fps = source fps / stride).", commands=("edit", "invert"),
         help_for={"invert": "Take every STRIDE-th frame."},
     )
+    allow_partial: bool = option(
+        False, flags=("--allow-partial",), commands=("edit", "invert"),
+        help="Use the frames of a truncated or damaged video that decode (default: refuse it).",
+    )
     inversion: str = option(
         "fixed-point", commands=("edit", "invert"),
         help="Inversion scheme: fixed-point (DDIM on the editing grid, each step refined; fast, near exact) or ddim "

@@ -66,7 +66,8 @@ def _default_out(options: RunOptions, kind: str = "") -> Path:
 
 
 def _prepare(
-    options: RunOptions, editor: TokenFlowEditor | None, workdir: Callable[[], Path], with_controlnet: bool = False
+    options: RunOptions, editor: TokenFlowEditor | None, workdir: Callable[[], Path], with_controlnet: bool = False,
+    space: tuple[Path, str] | None = None,
 ):
     """Load the model, then stream the selected frames, resized to the working size, into the folder ``workdir()``
     returns (asked for only then, so nothing is created when the input or the model is refused).
@@ -76,7 +77,12 @@ def _prepare(
     """
     timings = {}
     info = video_io.probe(options.video)  # a bad input fails here, before the model loads
-    frames_in = video_io.read_frames(options.video, options.start, options.stride, options.max_frames)
+    if space is not None:  # (folder, option): too little room for the staged frames fails here too
+        need = video_io.staged_bytes(info, options.start, options.stride, options.max_frames, options.size,
+                                     copies=2 if with_controlnet else 1)
+        video_io.check_free_space(space[0], need, space[1])
+    frames_in = video_io.read_frames(options.video, options.start, options.stride, options.max_frames,
+                                     allow_partial=options.allow_partial)
     started = time.perf_counter()
     editor = load_editor(options, editor, with_controlnet)
     timings["load_model"] = time.perf_counter() - started
@@ -84,6 +90,7 @@ def _prepare(
     started = time.perf_counter()
     resized = (video_io.resize_frames(frame, width, height) for frame in frames_in)
     frames = FrameStore.write(workdir() / "frames.rgb", resized, source=str(options.video))
+    frames.times = frames_in.variable_times()  # None at a constant frame rate
     timings["read"] = time.perf_counter() - started
     return editor, frames, info, timings
 
@@ -161,6 +168,7 @@ def invert_video(
     options.check_inputs(editing=False)
     progress = _progress(options, progress)
     root = InversionCache(options.cache_dir).root
+    video_io.check_writable(root, "cache_dir")  # before any heavy work
     staged: list[Path] = []
 
     def workdir() -> Path:
@@ -169,11 +177,15 @@ def invert_video(
         return staged[-1]
 
     try:
-        editor, frames, _, timings = _prepare(options, editor, workdir)
+        editor, frames, _, timings = _prepare(options, editor, workdir, space=(root, "cache_dir"))
         try:
             source, hit = _invert(editor, frames, options, timings, progress, cancel)
         finally:
             frames.close()
+    except OSError as exc:
+        if video_io.is_out_of_space(exc):
+            raise video_io.out_of_space_error(exc, root, "cache_dir") from exc
+        raise
     finally:
         for folder in staged:
             shutil.rmtree(folder, ignore_errors=True)
@@ -210,50 +222,46 @@ def edit_video(
     options.check_inputs()
     progress = _progress(options, progress)
     out_dir = Path(options.out) if options.out is not None else _default_out(options)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_staging(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
-    work = staging / ".work"
-    work.mkdir()
-    (work / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     stores: list[FrameStore] = []
-    try:
-        editor, frames, info, timings = _prepare(options, editor, lambda: work,
-                                                 with_controlnet=options.mode == "controlnet")
-        stores.append(frames)
-        check_cancelled(cancel)  # loading and staging take a while: a cancel meanwhile stops here
-        control = None
-        fps = info.fps / options.stride
-        if options.mode == "controlnet":
-            from .control import stream_control_maps
+    with staged_output(out_dir) as staging:
+        video_io.check_writable(InversionCache(options.cache_dir).root, "cache_dir")  # before any heavy work
+        work = staging / ".work"
+        try:
+            editor, frames, info, timings = _prepare(options, editor, lambda: work,
+                                                     with_controlnet=options.mode == "controlnet",
+                                                     space=(out_dir.parent, "out"))
+            stores.append(frames)
+            check_cancelled(cancel)  # loading and staging take a while: a cancel meanwhile stops here
+            control = None
+            fps = info.fps / options.stride
+            if options.mode == "controlnet":
+                from .control import stream_control_maps
+
+                started = time.perf_counter()
+                maps = stream_control_maps(
+                    options.control, frames, start=options.start, stride=options.stride, low=options.canny_low,
+                    high=options.canny_high, depth_model=options.depth_model, batch_size=options.batch_size,
+                )
+                control = FrameStore.write(work / "control.rgb", maps, source=f"`control` {options.control}")
+                stores.append(control)
+                timings["control_maps"] = time.perf_counter() - started
+            source, cache_hit = _invert(editor, frames, options, timings, progress, cancel)
+            config = options.edit_config()
+            result = editor.edit(source, config, progress=progress, control=control, cancel=cancel, workspace=work)
+            timings["edit"] = result.seconds
 
             started = time.perf_counter()
-            maps = stream_control_maps(
-                options.control, frames, start=options.start, stride=options.stride, low=options.canny_low,
-                high=options.canny_high, depth_model=options.depth_model, batch_size=options.batch_size,
-            )
-            control = FrameStore.write(work / "control.rgb", maps, source=f"`control` {options.control}")
-            stores.append(control)
-            timings["control_maps"] = time.perf_counter() - started
-        source, cache_hit = _invert(editor, frames, options, timings, progress, cancel)
-        config = options.edit_config()
-        result = editor.edit(source, config, progress=progress, control=control, cancel=cancel, workspace=work)
-        timings["edit"] = result.seconds
-
-        started = time.perf_counter()
-        _write_outputs(staging, editor, result, frames, info, options, fps, progress, cancel)
-        timings["decode_write"] = time.perf_counter() - started
-        if control is not None:
-            _write_frames(staging / "control.mp4", control, fps, options.batch_size)
-        if options.save_latents:
-            _save_latents(staging / "latents", result, source, options.batch_size)
-        report = _run_report(options, editor, info, frames, fps, source, cache_hit, result, timings)
-        for store in stores:
-            store.close()
-        shutil.rmtree(work)
+            _write_outputs(staging, editor, result, frames, info, options, fps, progress, cancel)
+            timings["decode_write"] = time.perf_counter() - started
+            if control is not None:
+                _write_frames(staging / "control.mp4", control, fps, options.batch_size)
+            if options.save_latents:
+                _save_latents(staging / "latents", result, source, options.batch_size)
+            report = _run_report(options, editor, info, frames, fps, source, cache_hit, result, timings)
+        finally:
+            for store in stores:
+                store.close()
+        shutil.rmtree(work)  # the staged frames and latents: gone before the evaluation stages its own
         if options.evaluate:
             from .metrics import evaluate_files
 
@@ -264,12 +272,6 @@ def edit_video(
             report["timings"]["eval"] = time.perf_counter() - started
             logger.info("\n%s", evaluation.format_table())
         (staging / "run.json").write_text(json.dumps(report, indent=1, default=str))
-        _move_into_place(staging, out_dir)
-    except BaseException:
-        for store in stores:
-            store.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("wrote %s", out_dir)
     return RunResult(
         out_dir=out_dir,
@@ -294,12 +296,16 @@ def _write_outputs(
 ) -> None:
     n, height, width = frames.shape[:3]
     audio = dict(audio_from=info.path, audio_start=options.start / info.fps, audio_end=(options.start + n * options.stride) / info.fps) if info.has_audio else {}
+    spans = None if frames.times is None else video_io.frame_spans(frames.times)  # variable frame rate: keep times
+    timing = {} if spans is None else dict(time_base=video_io.VFR_TIME_BASE)
+    if spans is not None and audio:
+        audio.update(audio_start=spans[0][0], audio_end=spans[-1][1])
     previews = []
     pick = set(np.linspace(0, n - 1, min(4, n)).round().astype(int).tolist())
     with (
-        video_io.VideoWriter(staging / "edited.mp4", fps, width, height, **audio) as edited_out,
-        video_io.VideoWriter(staging / "source.mp4", fps, width, height, **audio) as source_out,
-        video_io.VideoWriter(staging / "side_by_side.mp4", fps, 2 * width, height, **audio) as both_out,
+        video_io.VideoWriter(staging / "edited.mp4", fps, width, height, **audio, **timing) as edited_out,
+        video_io.VideoWriter(staging / "source.mp4", fps, width, height, **audio, **timing) as source_out,
+        video_io.VideoWriter(staging / "side_by_side.mp4", fps, 2 * width, height, **audio, **timing) as both_out,
     ):
         batch = max(1, options.batch_size)
         bar = Tracker("decoding", n, progress, cancel)
@@ -307,9 +313,10 @@ def _write_outputs(
             decoded = editor.model.decode_latents(result.latents[start : start + batch]).numpy()
             originals = frames[start : start + len(decoded)]
             for i, (original, frame) in enumerate(zip(originals, decoded), start=start):
-                edited_out.write(frame)
-                source_out.write(original)
-                both_out.write(video_io.side_by_side(original, frame))
+                when = {} if spans is None else dict(time=spans[i][0], duration=spans[i][1] - spans[i][0])
+                edited_out.write(frame, **when)
+                source_out.write(original, **when)
+                both_out.write(video_io.side_by_side(original, frame), **when)
                 if i in pick:
                     previews.append((original, frame))
             bar.update(len(decoded))
@@ -386,8 +393,9 @@ def _remove_dead_staging(out_dir: Path) -> None:
 def staged_output(out_dir: Path) -> Iterator[Path]:
     """A staging folder beside ``out_dir`` for the block to write into (with a ``.work/`` folder for scratch files,
     removed at the end), renamed into place when the block ends without error and removed when it does not, so a
-    failed or interrupted run leaves nothing half-written."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    failed or interrupted run leaves nothing half-written. ``out_dir``'s folder is checked (writable) first; a disk
+    that fills up meanwhile ends the run in one line, the earlier output untouched."""
+    video_io.check_writable(out_dir.parent, "out", target=out_dir, create=True)  # before any heavy work
     _remove_dead_staging(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     umask = os.umask(0)
@@ -400,8 +408,10 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
         yield staging
         shutil.rmtree(work, ignore_errors=True)
         _move_into_place(staging, out_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if video_io.is_out_of_space(exc):
+            raise video_io.out_of_space_error(exc, out_dir.parent, "out") from exc
         raise
 
 

@@ -93,6 +93,7 @@ def reconstruct_from_tokens(
         with tokenflow_attention(model.unet, state, model.layers()):
             for step, t in enumerate(timesteps):
                 bar.detail = f"step {step + 1}/{len(timesteps)}"
+                run.step = step
                 src_t = source.noisy[t][frames].float()
                 nxt = torch.empty_like(x)
                 nxt[rows_source] = run(rows_source, x, src_t, t, keyframe)

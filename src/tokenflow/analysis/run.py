@@ -70,9 +70,10 @@ def _layer(model, options: AnalysisOptions, latent_height: int, latent_width: in
     return default_layer(model, list_layers(model, latent_height, latent_width))
 
 
-def _stage_edited(path: Path, store: Path, width: int, height: int, max_frames: int | None) -> FrameStore:
+def _stage_edited(path: Path, store: Path, width: int, height: int, max_frames: int | None,
+                  allow_partial: bool = False) -> FrameStore:
     """An edited video's frames (all of them, or the first ``max_frames``) at the source's working size."""
-    frames = video_io.read_frames(path, max_frames=max_frames)
+    frames = video_io.read_frames(path, max_frames=max_frames, allow_partial=allow_partial)
     resized = (video_io.resize_frames(frame, width, height) for frame in frames)
     return FrameStore.write(store, resized, source=f"`edited` {path}")
 
@@ -106,7 +107,8 @@ def features_video(
             raise InputError(f"`row` {row}: the working size is {width}x{height}; use 0..{height - 1}")
         videos = [dict(path=str(options.video), frames=frames, fps=info.fps / options.stride, pca="pca.mp4")]
         for k, path in enumerate(options.edited):
-            edited = _stage_edited(Path(path), work / f"edited-{k}.rgb", width, height, options.max_frames)
+            edited = _stage_edited(Path(path), work / f"edited-{k}.rgb", width, height, options.max_frames,
+                                   options.allow_partial)
             videos.append(dict(path=str(path), frames=edited, fps=video_io.probe(path).fps, pca=f"pca-edited-{k}.mp4"))
         for video in videos:
             source, _ = _invert(editor, video["frames"], options, {}, progress, cancel)

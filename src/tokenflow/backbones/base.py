@@ -145,3 +145,16 @@ class Backbone(ABC):
 
     @abstractmethod
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+def check_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    """Raise :class:`~tokenflow.errors.NumericalError` when ``tensor`` holds NaN or inf: computed in ``dtype``, it
+    overflowed (float16's range ends at 65504), and clamping would turn it into black frames."""
+    if bool(torch.isfinite(tensor).all()):
+        return
+    from ..errors import NumericalError
+
+    name = str(dtype).replace("torch.", "")
+    if dtype in (torch.float16, torch.bfloat16):
+        raise NumericalError(f"{what} hold NaN or inf: {name} overflowed; rerun with `dtype` float32")
+    raise NumericalError(f"{what} hold NaN or inf in {name}; the model's weights may be broken, check `model`")

@@ -96,6 +96,35 @@ def _explain_load_error(exc: BaseException) -> str:
     return f"could not be loaded ({reason}); check that it is a Stable Diffusion checkpoint, or pass a local folder"
 
 
+def ckpt_keys(model: str, path: Path) -> list[str]:
+    """The tensor names of a ``.ckpt`` (its ``state_dict`` when nested), read with ``torch.load(weights_only=True)``
+    (memory-mapped when the file is a zip archive, so nothing is read in full): a pickle may hold code, and a
+    checkpoint is only ever loaded as tensors here, as diffusers then loads it. A file that holds other Python
+    objects (a training callback, an optimizer class) is refused with one line saying so, never loaded with
+    ``weights_only=False``."""
+    import pickle
+    import re
+    import zipfile
+
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""  # not in backticks: interfaces rename those as options
+        raise ModelLoadError(
+            f"`model` {model}: the .ckpt holds Python objects besides tensors{what}, and a pickle can run code, so it "
+            "is only read with "
+            "torch.load(weights_only=True); convert it to .safetensors where you trust it, or pass a diffusers folder"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: torch raises many kinds
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise ModelLoadError(f"`model` {model}: not a readable .ckpt ({reason}); download it again") from exc
+    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"`model` {model}: the .ckpt holds no state dict of tensors; pass a Stable Diffusion checkpoint")
+    return [str(k) for k in state]
+
+
 def _is_xl_checkpoint(model: str, path: Path, revision, local_files_only: bool) -> bool:
     """Whether a folder, hub repo or single file holds an SDXL-family pipeline (read from metadata, not weights)."""
     import json
@@ -106,6 +135,8 @@ def _is_xl_checkpoint(model: str, path: Path, revision, local_files_only: bool) 
 
             with safe_open(str(path), framework="pt") as f:
                 return any(k.startswith("conditioner.embedders.1") for k in f.keys())
+        if path.suffix == ".ckpt":
+            return any(k.startswith("conditioner.embedders.1") for k in ckpt_keys(model, path))
         return False
     index = path / "model_index.json"
     if not path.is_dir():

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import Backbone, Layers, TextConditioning
+from .base import Backbone, Layers, TextConditioning, check_finite
 from .unet_layers import LayerSelection, select_layers
 
 logger = logging.getLogger("tokenflow")
@@ -100,6 +100,7 @@ class StableDiffusionModel(Backbone):
         for i in range(0, frames.shape[0], batch_size):
             x = torch.as_tensor(frames[i : i + batch_size]).to(self.device).permute(0, 3, 1, 2).to(self.vae.dtype) / 255.0
             latent = self.vae.encode(2 * x - 1).latent_dist.mean * self.vae.config.scaling_factor
+            check_finite(latent, "the VAE's latents of the frames", self.vae.dtype)
             out.append(latent.float().cpu().contiguous())  # the permuted input leaves channels-last strides
         return torch.cat(out)
 
@@ -108,6 +109,7 @@ class StableDiffusionModel(Backbone):
         """Scaled latents (any device) -> uint8 frames ``[n,H,W,3]`` on the CPU."""
         latents = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
         image = self.vae.decode(latents).sample
+        check_finite(image, "the decoded frames", self.vae.dtype)  # clamped, NaN would be a black video
         image = (image.float() / 2 + 0.5).clamp(0, 1)
         return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 

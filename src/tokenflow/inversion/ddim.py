@@ -10,6 +10,7 @@ import torch
 from ..errors import InputError
 from ..events import CancelToken, ProgressCallback, Tracker, as_progress
 from ..backbones import Backbone, TextConditioning
+from ..backbones.base import check_finite
 from .storage import LatentColumn
 
 __all__ = ["inversion_grid", "ddim_invert", "ddim_reconstruct", "predicted_noise", "ddim_transition", "noised",
@@ -123,6 +124,7 @@ def _invert_batch(
             eps = model.predicted_noise(model.predict(x, t, text), x, a_t)  # at the current estimate of x_t
             x = ddim_transition(start, eps, a_prev, a_t)
         if t in saved:
+            check_finite(x, f"the inverted latents at timestep {t}", model.dtype)  # before they reach the cache
             on_saved(t, x.cpu())
         if on_step is not None:
             on_step(x.shape[0])

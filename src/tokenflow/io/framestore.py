@@ -28,6 +28,9 @@ class FrameStore:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(np.uint8)
         self._sha256 = sha256
+        #: Each frame's presentation time in seconds from the source's start when the source has a variable frame
+        #: rate (:meth:`FrameReader.variable_times`), else None: frame ``i`` is at ``i / fps``.
+        self.times: list[float] | None = None
         if self.path.stat().st_size != int(np.prod(self.shape)):
             raise OSError(f"{self.path}: not the size of {self.shape[0]} frames of {self.shape[2]}x{self.shape[1]}")
 

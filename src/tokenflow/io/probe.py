@@ -25,6 +25,31 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_FOLDER_FPS = 10.0
 
 
+#: Transparent and translucent pixels (a webm/vp9 with alpha, an RGBA png, a gif's transparent colour, ProRes 4444,
+#: ...) are composited over this background: black, the colour FFmpeg leaves when it drops an alpha channel.
+ALPHA_BACKGROUND = (0, 0, 0)
+
+
+# Pixel formats that carry alpha (pal8: a palette may hold transparent entries, as a gif's does).
+_ALPHA_FORMAT = re.compile(r"^(yuva|rgba|bgra|argb|abgr|gbrap|ya\d|pal8)")
+
+
+def _over_background(rgba: np.ndarray) -> np.ndarray:
+    """``HxWx4`` uint8 RGBA composited over :data:`ALPHA_BACKGROUND`, ``HxWx3`` uint8 (opaque pixels unchanged)."""
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = rgba[..., :3].astype(np.uint16)
+    background = np.asarray(ALPHA_BACKGROUND, np.uint16)
+    return ((rgb * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _frame_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame as ``HxWx3`` uint8 RGB (any bit depth and chroma layout, through swscale with the frame's
+    colour matrix); alpha, where there is some, composited over :data:`ALPHA_BACKGROUND`."""
+    if _ALPHA_FORMAT.match(frame.format.name):
+        return _over_background(frame.to_ndarray(format="rgba"))
+    return frame.to_ndarray(format="rgb24")
+
+
 def _one_line(text: object) -> str:
     """Collapse whitespace so an error message stays on one line."""
     return " ".join(str(text).split())
@@ -66,6 +91,8 @@ def _load_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+                return _over_background(np.asarray(img.convert("RGBA")))
             return np.asarray(img.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: not a readable image ({_one_line(exc)}); replace or remove it") from exc
@@ -78,7 +105,12 @@ def _check_exists(path: Path) -> None:
 
 def _open_input(path: Path) -> av.container.InputContainer:
     try:
-        container = av.open(str(path), mode="r")
+        # metadata that is not UTF-8 (a damaged or odd file) is read with replacement characters, not refused
+        container = av.open(str(path), mode="r", metadata_errors="replace")
+    except av.error.EOFError as exc:
+        raise InputError(
+            f"{path}: ends before its first frame (no frames: an empty or truncated video); re-export it"
+        ) from exc
     except av.FFmpegError as exc:
         reason = _one_line(getattr(exc, "strerror", None) or exc)
         raise InputError(
@@ -87,34 +119,117 @@ def _open_input(path: Path) -> av.container.InputContainer:
     except OSError as exc:
         raise InputError(f"{path}: cannot open ({_one_line(exc)}); check the path and its permissions") from exc
     if not container.streams.video:
+        only = " (audio only)" if container.streams.audio else ""
         container.close()
-        raise InputError(f"{path}: has no video stream; pass a video file")
+        raise InputError(f"{path}: has no video stream{only}; pass a video file")
+    if container.streams.video[0].codec_context is None:
+        container.close()
+        raise InputError(f"{path}: its video codec cannot be decoded by this FFmpeg build; re-encode it (e.g. to H.264)")
     return container
 
 
+@dataclass
+class Damage:
+    """Where a video stops decoding cleanly: after ``frame`` good frames, about ``time`` seconds into the stream
+    (None when unknown), and FFmpeg's ``reason``."""
+
+    frame: int
+    time: float | None
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def _ffmpeg_reason(exc: Exception) -> str:
+    """FFmpeg's words for an error, without the errno and the function name PyAV adds."""
+    return _one_line(getattr(exc, "strerror", None) or exc)
+
+
+def _packet_time(packet: av.Packet | None) -> float | None:
+    try:
+        if packet is not None and packet.pts is not None and packet.time_base is not None:
+            return float(packet.pts * packet.time_base)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        pass
+    return None
+
+
+# FFmpeg's own VP8/VP9 decoders ignore the alpha plane that WebM stores beside each frame; libvpx's read it.
+_LIBVPX_DECODERS = {"vp8": "libvpx", "vp9": "libvpx-vp9"}
+
+
+def _alpha_decoder(stream: av.video.stream.VideoStream):
+    """The ``decode`` of a libvpx decoder for a WebM stream with alpha (``alpha_mode`` 1), else None."""
+    name = _LIBVPX_DECODERS.get(stream.codec_context.name)
+    if name is None or (stream.metadata or {}).get("alpha_mode") != "1":
+        return None
+    try:
+        context = av.CodecContext.create(name, "r")
+    except (av.FFmpegError, ValueError) as exc:
+        log.warning("%s is not available (%s): the alpha channel is ignored", name, _one_line(exc))
+        return None
+    return context.decode
+
+
+@dataclass
+class PacketLog:
+    """The non-empty packets a decoding pass demuxed: how many, and the times of those meant to be shown."""
+
+    count: int = 0
+    shown: list = None
+
+    def __post_init__(self):
+        self.shown = [] if self.shown is None else self.shown
+
+    def missing(self, frame_times: list) -> Damage | None:
+        """Where a packet meant to be shown gave no frame (frame threading can swallow the decoder's error)."""
+        if len(frame_times) >= len(self.shown):
+            return None
+        decoded = set(frame_times)
+        lost = [t for t in self.shown if t is not None and t not in decoded]
+        what = f"{len(self.shown) - len(frame_times)} packet(s) gave no frame"
+        if not lost:
+            return Damage(len(frame_times), None, what)
+        return Damage(sum(1 for t in frame_times if t is not None and t < lost[0]), lost[0], what)
+
+
 def _decode_video(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, problems: list[str]
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, problems: list[Damage],
+    log_packets: PacketLog | None = None,
 ) -> Iterator[av.VideoFrame]:
     """Decode a video stream packet by packet, skipping packets the decoder rejects.
 
     A truncated or damaged file then still yields every frame that decodes; what went
     wrong is appended to ``problems`` (the caller decides whether to warn or fail).
+    ``log_packets`` records the packets demuxed.
     """
+    decode = _alpha_decoder(stream) or stream.decode
     packets = container.demux(stream)
+    count = 0
+    last_time = None
     while True:
         try:
             packet = next(packets)
         except StopIteration:
             break
         except av.FFmpegError as exc:  # the demuxer gave up: flush what the decoder holds
-            problems.append(_one_line(exc))
+            problems.append(Damage(count, last_time, _ffmpeg_reason(exc)))
             packet = None
+        if log_packets is not None and packet is not None and packet.size:
+            log_packets.count += 1
+            if not packet.is_discard:  # an edit list's hidden frames decode but are not shown
+                log_packets.shown.append(_packet_time(packet))
         try:
-            frames = stream.decode(packet)
+            frames = decode(packet)
         except av.FFmpegError as exc:
-            problems.append(_one_line(exc))
+            when = _packet_time(packet)
+            problems.append(Damage(count, last_time if when is None else when, _ffmpeg_reason(exc)))
             frames = []
-        yield from frames
+        for frame in frames:
+            count += 1
+            last_time = frame.time
+            yield frame
         if packet is None:
             break
 
@@ -152,9 +267,12 @@ def _stream_fps(stream: av.video.stream.VideoStream) -> float:
     return DEFAULT_FOLDER_FPS
 
 
-def _undecodable(path: Path, problems: list[str]) -> InputError:
-    detail = f" ({problems[0]})" if problems else ""
-    return InputError(f"{path}: no frame could be decoded{detail}; the file is corrupt or truncated, re-export it")
+def _undecodable(path: Path, problems: list[Damage]) -> InputError:
+    if not problems:
+        return InputError(f"{path}: its video stream has no frames; pass a video with at least one frame")
+    return InputError(
+        f"{path}: no frame could be decoded ({problems[0].reason}); the file is corrupt or truncated, re-export it"
+    )
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -181,7 +299,7 @@ def probe(path: str | Path) -> VideoInfo:
     container = _open_input(path)
     try:
         stream = container.streams.video[0]
-        problems: list[str] = []
+        problems: list[Damage] = []
         first = next(_decode_video(container, stream, problems), None)
         if first is None:
             raise _undecodable(path, problems)

@@ -12,14 +12,19 @@ import numpy as np
 from tokenflow.errors import InputError
 
 from .probe import (
+    DEFAULT_FOLDER_FPS,
     VideoInfo,
     _apply_rotation,
     _check_exists,
     _decode_video,
     _folder_images,
+    _frame_rgb,
     _load_image,
     _open_input,
+    Damage,
+    PacketLog,
     _rotation_of,
+    _stream_fps,
     _undecodable,
     probe,
 )
@@ -42,17 +47,74 @@ def _past_end(path: Path, start: int, total: int) -> InputError:
     )
 
 
+class FrameReader:
+    """An iterator of ``HxWx3`` uint8 RGB frames that also records when each one is shown.
+
+    ``times[i]`` is the presentation time of the ``i``-th frame yielded so far, in seconds from the start of the
+    video stream (its ``start_time``, else its first frame), filled as the frames are decoded, so reading stays
+    streaming. A folder of images counts as :data:`DEFAULT_FOLDER_FPS` frames per second. ``tick`` is the
+    resolution of the source's timestamps (its time base), in seconds.
+    """
+
+    def __init__(self, frames: Iterator[tuple[np.ndarray, float]], tick: float, stride: int) -> None:
+        self._frames = frames
+        self.times: list[float] = []
+        self.tick = float(tick)
+        self.stride = int(stride)
+
+    def __iter__(self) -> "FrameReader":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        rgb, t = next(self._frames)
+        self.times.append(float(t))
+        return rgb
+
+    def close(self) -> None:
+        close = getattr(self._frames, "close", None)
+        if close is not None:
+            close()
+
+    def variable_times(self) -> list[float] | None:
+        """The frames' times (see ``times``) when they are unevenly spaced (a variable-frame-rate source), else
+        None: for a constant rate (gaps that differ by at most two ticks of the source's time base, its
+        rounding) the frame count and the frame rate say it all."""
+        times = self.times
+        if len(times) < 3:
+            return None
+        gaps = np.diff(np.asarray(times, dtype=np.float64))
+        if gaps.max() - gaps.min() <= 2 * self.tick + 1e-9:
+            return None
+        return list(times)
+
+
+def frame_spans(times: list[float]) -> list[tuple[float, float]]:
+    """(start, end) in seconds of each frame shown at ``times``: until the next frame, the last one for the
+    median gap between frames."""
+    gaps = np.diff(np.asarray(times, dtype=np.float64))
+    last = float(np.median(gaps)) if len(gaps) else 0.0
+    ends = list(times[1:]) + [times[-1] + last]
+    return list(zip(times, ends))
+
+
 def _iter_folder(
-    path: Path, images: list[Path], start: int, stride: int, max_frames: int | None
-) -> Iterator[np.ndarray]:
-    selected = images[start::stride]
+    path: Path, images: list[Path], start: int, stride: int, max_frames: int | None, allow_partial: bool = False
+) -> Iterator[tuple[np.ndarray, float]]:
+    indices = range(len(images))[start::stride]
     if max_frames is not None:
-        selected = selected[:max_frames]
-    if not selected:
+        indices = indices[:max_frames]
+    if not indices:
         raise _past_end(path, start, len(images))
     first_shape = None
-    for image_path in selected:
-        rgb = _load_image(image_path)
+    for index in indices:
+        image_path = images[index]
+        try:
+            rgb = _load_image(image_path)
+        except InputError as exc:
+            if not allow_partial:
+                raise InputError(f"{exc}, or pass `allow_partial` to skip unreadable images") from exc
+            log.warning("%s; skipped", exc)
+            continue
         if first_shape is None:
             first_shape = rgb.shape
         elif rgb.shape != first_shape:
@@ -60,7 +122,40 @@ def _iter_folder(
                 f"{image_path}: size {rgb.shape[1]}x{rgb.shape[0]} differs from the first frame "
                 f"({first_shape[1]}x{first_shape[0]}); make all images in {path} the same size"
             )
-        yield rgb
+        yield rgb, index / DEFAULT_FOLDER_FPS
+
+
+def _frame_time(frame: av.VideoFrame, origin: float | None, index: int, fps: float) -> tuple[float | None, float]:
+    """(origin, seconds from the origin) of a decoded frame: its pts in the stream's time base, else its index
+    at ``fps``; the origin is the stream's start time, else the first frame's."""
+    t = frame.time
+    if t is None:
+        return origin, index / fps
+    if origin is None:
+        origin = float(t)
+    return origin, float(t) - origin
+
+
+def _tagged_end(stream: av.video.stream.VideoStream) -> float | None:
+    """When a Matroska/WebM stream ends by its ``DURATION`` tag (``HH:MM:SS.fraction``: the last packet's time plus
+    its duration, written by FFmpeg's muxer once the stream was complete), in seconds; None without one. (Other
+    containers' durations are estimates, an avi's from its frame count; mp4's sample table is checked instead.)"""
+    try:
+        tag = (stream.metadata or {}).get("DURATION")
+        if tag:
+            hours, minutes, seconds = tag.split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    return None
+
+
+def _sample_table(container: av.container.InputContainer) -> bool:
+    return any(name in ("mov", "mp4") for name in container.format.name.split(","))
+
+
+def _after(count: int, last: float | None) -> str:
+    return f"after frame {count - 1}" + ("" if last is None else f" ({last:.2f} s)")
 
 
 def _iter_container(
@@ -69,11 +164,11 @@ def _iter_container(
     start: int,
     stride: int,
     max_frames: int | None,
-) -> Iterator[np.ndarray]:
+    allow_partial: bool = False,
+) -> Iterator[tuple[np.ndarray, float]]:
     yielded = 0
-    index = 0  # frames decoded so far
-    problems: list[str] = []
-    expected = None
+    index = 0  # frames handled (yielded or passed over by the selection) so far
+    problems: list[Damage] = []
     try:
         for thread_type in ("AUTO", "SLICE"):
             if problems:
@@ -84,62 +179,103 @@ def _iter_container(
                 problems.clear()
             stream = container.streams.video[0]
             stream.thread_type = thread_type
-            expected = int(stream.frames) if stream.frames else None
-            seen = 0
-            for frame in _decode_video(container, stream, problems):
-                seen += 1
-                if seen <= index:
-                    continue
+            # the sample table of mp4/mov lists every packet (other containers' counts are estimates: an avi's
+            # may count one more), and an edit list may hide some frames: compare it with the packets read
+            expected = int(stream.frames) if stream.frames and _sample_table(container) else None
+            packets = PacketLog()
+            fps = _stream_fps(stream)
+            origin = (float(stream.start_time * stream.time_base)
+                      if stream.start_time is not None and stream.time_base is not None else None)
+            times: list[float | None] = []  # of every frame this pass decodes
+            last_duration = 0.0
+            for frame in _decode_video(container, stream, problems, packets):
+                times.append(frame.time)
+                if len(times) <= index or (problems and not allow_partial):
+                    continue  # handled in the first pass, or past the damage (only counted: refused below)
+                if frame.duration and frame.time_base:
+                    last_duration = float(frame.duration * frame.time_base)
                 if index >= start and (index - start) % stride == 0:
-                    rgb = frame.to_ndarray(format="rgb24")
-                    yield _apply_rotation(rgb, _rotation_of(frame, stream))
+                    origin, t = _frame_time(frame, origin, index, fps)
+                    rgb = _frame_rgb(frame)
+                    yield _apply_rotation(rgb, _rotation_of(frame, stream)), t
                     yielded += 1
                     if max_frames is not None and yielded >= max_frames:
                         return
                 index += 1
+            lost = None if problems or stream.codec_context.name == "vp8" else packets.missing(times)
+            if lost is not None:  # (VP8 may store invisible frames as packets of their own)
+                problems.append(lost)
             if not problems:
                 break
+        end = _tagged_end(stream)
     finally:
         container.close()
 
-    if index == 0:
+    total = len(times)  # frames that decode, damaged or not
+    if total == 0:
         raise _undecodable(path, problems)
-    if expected is not None and index < expected:
-        log.warning("%s: only %d of %d frames could be decoded; the file looks truncated or damaged",
-                    path, index, expected)
-    elif problems:
-        log.warning("%s: %d damaged packet(s) skipped (%s); the file looks truncated or damaged",
-                    path, len(problems), problems[0])
+    last = times[-1]
+    at = reason = None
+    if problems:
+        damage = problems[0]
+        frame = damage.frame
+        if damage.time is not None:  # not the decoder's output count (it lags): the frames shown before it
+            frame = sum(1 for t in times if t is not None and t < damage.time - 1e-9)
+        at = f"at frame {frame}" + ("" if damage.time is None else f" (about {damage.time:.2f} s)")
+        reason = damage.reason
+    elif expected is not None and packets.count < expected:  # the data ends before the sample table does
+        at, reason = _after(total, last), f"the header lists {expected} frames, the file holds {packets.count}"
+    elif end is not None and last is not None and last + 2 * max(last_duration, 1 / fps) < end:
+        at, reason = _after(total, last), f"the stream lasts {end:.2f} s by its header"
+    if at is not None:
+        if not allow_partial:
+            raise InputError(
+                f"{path}: truncated or damaged {at}: {reason}; re-export or repair the file, or pass "
+                "`allow_partial` to use the frames that decode"
+            )
+        log.warning("%s: truncated or damaged %s (%s); using the %d frames that decode", path, at, reason, total)
     if yielded == 0:
-        raise _past_end(path, start, index)
+        raise _past_end(path, start, total)
 
 
 def read_frames(
-    path: str | Path, start: int = 0, stride: int = 1, max_frames: int | None = None
-) -> Iterator[np.ndarray]:
+    path: str | Path, start: int = 0, stride: int = 1, max_frames: int | None = None, allow_partial: bool = False
+) -> FrameReader:
     """Stream frames ``start, start+stride, ...`` (at most ``max_frames``) as ``HxWx3`` uint8 RGB.
 
     The path is checked and opened right away (bad input raises :class:`InputError`
     here); frames are then decoded one at a time as the iterator is consumed.  If
     the selection turns out to be empty (e.g. ``start`` past the end) the iterator
-    raises :class:`InputError` when it is exhausted.
+    raises :class:`InputError` when it is exhausted.  The iterator (a :class:`FrameReader`)
+    records each frame's presentation time as it goes (``.times``), for variable-frame-rate sources.
+
+    A truncated or damaged file (a packet that does not decode, or fewer frames than its header
+    says) raises :class:`InputError` naming the frame and time where it breaks, once the frames
+    before the damage have been yielded; with ``allow_partial`` every frame that decodes is
+    yielded instead (damaged packets skipped, unreadable images of a folder skipped) and a warning
+    is logged.  The damage is seen only if the selection reaches it.
     """
     path = Path(path)
     _check_selection(path, start, stride, max_frames)
     _check_exists(path)
     if path.is_dir():
-        return _iter_folder(path, _folder_images(path), start, stride, max_frames)
-    return _iter_container(path, _open_input(path), start, stride, max_frames)
+        return FrameReader(_iter_folder(path, _folder_images(path), start, stride, max_frames, allow_partial),
+                           tick=1 / DEFAULT_FOLDER_FPS, stride=stride)
+    container = _open_input(path)
+    stream = container.streams.video[0]
+    tick = float(stream.time_base) if stream.time_base else 1e-3
+    return FrameReader(_iter_container(path, container, start, stride, max_frames, allow_partial), tick=tick,
+                       stride=stride)
 
 
 def load_frames(
-    path: str | Path, start: int = 0, stride: int = 1, max_frames: int | None = None
+    path: str | Path, start: int = 0, stride: int = 1, max_frames: int | None = None, allow_partial: bool = False
 ) -> tuple[np.ndarray, VideoInfo]:
     """Read the selected frames into one ``[N,H,W,3]`` uint8 array, with the source's :class:`VideoInfo`."""
     path = Path(path)
     _check_selection(path, start, stride, max_frames)
     info = probe(path)
-    frames = list(read_frames(path, start=start, stride=stride, max_frames=max_frames))
+    frames = list(read_frames(path, start=start, stride=stride, max_frames=max_frames, allow_partial=allow_partial))
     shapes = {f.shape for f in frames}
     if len(shapes) > 1:
         raise InputError(f"{path}: frame size changes mid-video ({sorted(shapes)}); re-encode it at one size")

@@ -72,6 +72,10 @@ def _audio_origin(container: av.container.InputContainer, audio: av.audio.stream
     return 0.0
 
 
+#: Time base of a variable-frame-rate output (MPEG's 90 kHz clock): fine enough for any source's timestamps.
+VFR_TIME_BASE = Fraction(1, 90000)
+
+
 class VideoWriter:
     """Encode frames one at a time into an H.264 video, optionally with the source's audio.
 
@@ -91,6 +95,12 @@ class VideoWriter:
 
     Keyword-only extras: ``codec`` overrides the video encoder (e.g. ``"ffv1"`` for
     lossless .mkv test clips) and ``crf`` sets libx264's quality (lower is better).
+
+    Variable frame rate: with ``time_base`` (e.g. :data:`VFR_TIME_BASE`, 1/90000 s) every
+    :meth:`write` passes the frame's presentation ``time`` in seconds (and optionally how long it
+    is shown); the frames keep those times, shifted so that the first one is at 0, to the nearest
+    tick of ``time_base``.  ``fps`` is then only the nominal rate stored in the stream.  Without
+    it frame ``i`` is shown at ``i / fps``.
     """
 
     def __init__(
@@ -105,6 +115,7 @@ class VideoWriter:
         *,
         codec: str | None = None,
         crf: int = 18,
+        time_base: Fraction | None = None,
     ) -> None:
         self.path = Path(path)
         suffix = self.path.suffix.lower()
@@ -119,6 +130,9 @@ class VideoWriter:
         self.width = int(width)
         self.height = int(height)
         self.frames_written = 0
+        self.time_base = None if time_base is None else Fraction(time_base)
+        self._first_time: float | None = None
+        self._last_pts: int | None = None
         self._audio_start = float(audio_start)
         self._audio_end = None if audio_end is None else float(audio_end)
         self._closed = False
@@ -145,7 +159,9 @@ class VideoWriter:
             # Edit lists are stored in the movie timescale (default 1/1000 s), which would cut
             # a 30000/1001 fps clip short by a fraction of a frame; use one that fits the rate.
             timescale = math.lcm(1000, self.rate.numerator)
-            if self.rate.denominator != 1 and timescale <= 1_000_000:
+            if self.time_base is not None:
+                container_options["movie_timescale"] = str(self.time_base.denominator)
+            elif self.rate.denominator != 1 and timescale <= 1_000_000:
                 container_options["movie_timescale"] = str(timescale)
         self._container = av.open(str(self.path), mode="w", container_options=container_options)
         try:
@@ -158,7 +174,9 @@ class VideoWriter:
             stream.width = self.width + self._pad[0]
             stream.height = self.height + self._pad[1]
             stream.pix_fmt = pix_fmt
-            stream.codec_context.time_base = 1 / self.rate
+            stream.codec_context.time_base = self.time_base or 1 / self.rate
+            if self.time_base is not None:
+                stream.time_base = self.time_base
             if codec_name == "mpeg4":
                 stream.codec_context.bit_rate = int(stream.width * stream.height * float(self.rate) * 0.4)
             self._video = stream
@@ -180,7 +198,7 @@ class VideoWriter:
             log.info("%s: a folder of images has no audio; writing video only", source)
             return
         try:
-            container = av.open(str(source), mode="r")
+            container = av.open(str(source), mode="r", metadata_errors="replace")
         except av.FFmpegError as exc:
             raise InputError(f"{source}: cannot read audio ({_one_line(exc)}); check the file") from exc
         if not container.streams.audio:
@@ -304,10 +322,13 @@ class VideoWriter:
 
     # -- video -----------------------------------------------------------------------
 
-    def write(self, frame: np.ndarray) -> None:
-        """Encode one ``height x width x 3`` uint8 RGB frame."""
+    def write(self, frame: np.ndarray, time: float | None = None, duration: float | None = None) -> None:
+        """Encode one ``height x width x 3`` uint8 RGB frame; ``time`` (seconds) and ``duration`` only with a
+        ``time_base`` (see the class)."""
         if self._closed:
             raise RuntimeError(f"{self.path}: writer is closed")
+        if (time is None) != (self.time_base is None):
+            raise ValueError("pass time= to write() exactly when the writer has a time_base")
         frame = np.asarray(frame)
         if frame.dtype != np.uint8:
             raise ValueError(f"frames must be uint8, got {frame.dtype}")
@@ -318,8 +339,20 @@ class VideoWriter:
         if self._pad != (0, 0):
             frame = np.pad(frame, ((0, self._pad[1]), (0, self._pad[0]), (0, 0)), mode="edge")
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        video_frame.pts = self.frames_written
-        video_frame.time_base = 1 / self.rate
+        if self.time_base is None:
+            video_frame.pts = self.frames_written
+            video_frame.time_base = 1 / self.rate
+        else:
+            if self._first_time is None:
+                self._first_time = float(time)
+            pts = round((float(time) - self._first_time) / self.time_base)
+            if self._last_pts is not None and pts <= self._last_pts:
+                raise ValueError(f"frame times must increase: {time} s comes after the previous frame's")
+            self._last_pts = pts
+            video_frame.pts = pts
+            video_frame.time_base = self.time_base
+            if duration is not None:
+                video_frame.duration = max(1, round(float(duration) / self.time_base))
         self._container.mux(self._video.encode(video_frame))
         self.frames_written += 1
 
