@@ -78,6 +78,7 @@ FIELD_LABELS = {
     "keyframe_window": "Keyframe window",
     "keyframe_batch": "Keyframe batch",
     "anchors": "Anchors",
+    "allow_partial": "--allow-partial (command line only)",
     "controlnet": "ControlNet",
     "control": "Control maps",
     "canny_low": "Canny low",
