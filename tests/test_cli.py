@@ -550,6 +550,28 @@ def test_a_disk_that_fills_while_the_outputs_are_written_fails_in_one_line_keepi
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
+def test_a_cache_that_fills_up_is_named_in_the_message(env, tmp_path, capsys, monkeypatch):
+    """The disk under --cache-dir fills while the inversion writes a shard: the one line names --cache-dir (the
+    folder to clear), not --out, and no output folder is left."""
+    import errno
+
+    import safetensors.torch
+
+    cache = tmp_path / "cache"
+
+    def full(tensors, filename, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "out"
+    rc = main(["edit", str(env.clip), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
+               "--cache-dir", str(cache), *SMALL, "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "No space left on device while writing" in err and "--cache-dir" in err and "--out" not in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_a_file_size_limit_hit_while_staging_fails_cleanly_in_a_real_process(env, tmp_path):
     """RLIMIT_FSIZE below the staged frames' size (SIGXFSZ ignored, so the write raises EFBIG): exit 2, one line, no
     traceback; the earlier output folder and the inversion cache stay as they were, no staging folder is left."""

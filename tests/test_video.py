@@ -786,3 +786,20 @@ def test_high_bit_depth_444_and_rgb_sources_read_with_their_colours(tmp_path, co
     error = np.abs(got.astype(int) - frames)
     assert error.mean() <= tolerance
     assert np.abs(got.astype(int) - frames[..., ::-1]).mean() > 10  # swapped channels would show
+
+
+def test_staged_frames_written_with_variable_times_keep_them(tmp_path):
+    """The writer of staged frames (the ControlNet maps' control.mp4) takes a variable-frame-rate source's times."""
+    from conftest import VFR_TIMES, frame_times
+
+    from tokenflow.io import FrameStore
+    from tokenflow.runner import _write_frames
+    from tokenflow.testing import pan_frames
+
+    store = FrameStore.write(tmp_path / "f.rgb", pan_frames(num_frames=len(VFR_TIMES), width=64, height=48))
+    _write_frames(tmp_path / "vfr.mp4", store, 10, 4, times=VFR_TIMES)
+    got, tick = frame_times(tmp_path / "vfr.mp4")
+    np.testing.assert_allclose(got, VFR_TIMES, atol=max(tick, 1e-3) + 1e-9)
+    _write_frames(tmp_path / "cfr.mp4", store, 10, 4)
+    got, _ = frame_times(tmp_path / "cfr.mp4")
+    np.testing.assert_allclose(got, np.arange(len(VFR_TIMES)) / 10, atol=1e-3)

@@ -223,8 +223,9 @@ def edit_video(
     progress = _progress(options, progress)
     out_dir = Path(options.out) if options.out is not None else _default_out(options)
     stores: list[FrameStore] = []
-    with staged_output(out_dir) as staging:
-        video_io.check_writable(InversionCache(options.cache_dir).root, "cache_dir")  # before any heavy work
+    cache_root = InversionCache(options.cache_dir).root
+    with staged_output(out_dir, cache_root) as staging:
+        video_io.check_writable(cache_root, "cache_dir")  # before any heavy work
         work = staging / ".work"
         try:
             editor, frames, info, timings = _prepare(options, editor, lambda: work,
@@ -254,7 +255,7 @@ def edit_video(
             _write_outputs(staging, editor, result, frames, info, options, fps, progress, cancel)
             timings["decode_write"] = time.perf_counter() - started
             if control is not None:
-                _write_frames(staging / "control.mp4", control, fps, options.batch_size)
+                _write_frames(staging / "control.mp4", control, fps, options.batch_size, frames.times)
             if options.save_latents:
                 _save_latents(staging / "latents", result, source, options.batch_size)
             report = _run_report(options, editor, info, frames, fps, source, cache_hit, result, timings)
@@ -284,11 +285,14 @@ def edit_video(
     )
 
 
-def _write_frames(path: Path, frames: FrameStore, fps: float, batch: int) -> None:
-    with video_io.VideoWriter(path, fps, frames.shape[2], frames.shape[1]) as out:
+def _write_frames(path: Path, frames: FrameStore, fps: float, batch: int, times: list[float] | None = None) -> None:
+    """``frames`` as a video at ``fps``, or at the variable-frame-rate source's ``times`` when given."""
+    spans = None if times is None else video_io.frame_spans(times)
+    timing = {} if spans is None else dict(time_base=video_io.VFR_TIME_BASE)
+    with video_io.VideoWriter(path, fps, frames.shape[2], frames.shape[1], **timing) as out:
         for start in range(0, frames.shape[0], max(1, batch)):
-            for frame in frames[start : start + batch]:
-                out.write(frame)
+            for i, frame in enumerate(frames[start : start + batch], start=start):
+                out.write(frame, **({} if spans is None else dict(time=spans[i][0], duration=spans[i][1] - spans[i][0])))
 
 
 def _write_outputs(
@@ -390,7 +394,7 @@ def _remove_dead_staging(out_dir: Path) -> None:
 
 
 @contextmanager
-def staged_output(out_dir: Path) -> Iterator[Path]:
+def staged_output(out_dir: Path, cache_root: Path | None = None) -> Iterator[Path]:
     """A staging folder beside ``out_dir`` for the block to write into (with a ``.work/`` folder for scratch files,
     removed at the end), renamed into place when the block ends without error and removed when it does not, so a
     failed or interrupted run leaves nothing half-written. ``out_dir``'s folder is checked (writable) first; a disk
@@ -411,7 +415,10 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if video_io.is_out_of_space(exc):
-            raise video_io.out_of_space_error(exc, out_dir.parent, "out") from exc
+            in_cache = cache_root is not None and exc.filename and Path(exc.filename).resolve().is_relative_to(
+                cache_root.resolve())
+            raise (video_io.out_of_space_error(exc, cache_root, "cache_dir") if in_cache
+                   else video_io.out_of_space_error(exc, out_dir.parent, "out")) from exc
         raise
 
 
