@@ -91,6 +91,20 @@ def write_vfr_clip(path: Path, times=VFR_TIMES, width: int = 192, height: int = 
         container.mux(stream.encode(None))
 
 
+def audio_only(clip: Path, path: Path) -> Path:
+    """``clip``'s audio stream alone (its packets copied) into ``path``: a file with no video stream."""
+    import av
+
+    with av.open(str(clip)) as inp, av.open(str(path), "w") as out:
+        stream = inp.streams.audio[0]
+        copy = out.add_stream_from_template(stream)
+        for packet in inp.demux(stream):
+            if packet.size:
+                packet.stream = copy
+                out.mux(packet)
+    return path
+
+
 def frame_times(path: Path) -> tuple[list[float], float]:
     """Presentation times (seconds) of every decoded frame of ``path``, and its video time base."""
     import av

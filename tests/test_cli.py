@@ -16,6 +16,7 @@ from pathlib import Path
 
 import av
 import pytest
+from conftest import audio_only as _audio_only
 import torch
 from PIL import Image
 from tokenflow.inversion import InversionCache, load_latents
@@ -376,7 +377,7 @@ def bad_files(tmp_path_factory, pan_clip) -> dict[str, Path]:
     not_model.mkdir()
     (not_model / "weights.txt").write_text("nothing here")
     return dict(missing=root / "missing.mp4", text=text, truncated=truncated, empty=empty, not_model=not_model,
-                cut_mkv=cut_mkv(root / "cut.mkv"), audio_only=audio_only(pan_clip, root / "tone.m4a"))
+                cut_mkv=cut_mkv(root / "cut.mkv"), audio_only=_audio_only(pan_clip, root / "tone.m4a"))
 
 
 def cut_mkv(path: Path) -> Path:
@@ -387,17 +388,6 @@ def cut_mkv(path: Path) -> Path:
     make_pan_clip(whole, num_frames=N, width=144, height=96, shift=4, fps=FPS)
     data = whole.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    return path
-
-
-def audio_only(clip: Path, path: Path) -> Path:
-    with av.open(str(clip)) as inp, av.open(str(path), "w") as out:
-        stream = inp.streams.audio[0]
-        copy = out.add_stream_from_template(stream)
-        for packet in inp.demux(stream):
-            if packet.size:
-                packet.stream = copy
-                out.mux(packet)
     return path
 
 

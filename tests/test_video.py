@@ -551,15 +551,10 @@ def test_unreadable_image_in_a_folder_is_refused_or_skipped(tmp_path, clips, cap
 
 
 def test_audio_only_and_frameless_files_are_one_line_errors(tmp_path):
-    audio_only = tmp_path / "tone.m4a"
+    from conftest import audio_only as write_audio_only
+
     write_clip_with_audio(tmp_path / "with_video.mp4", 1.0, lambda t: 0.2 * np.sin(2 * np.pi * 440 * t))
-    with av.open(str(tmp_path / "with_video.mp4")) as inp, av.open(str(audio_only), "w") as out:
-        stream = inp.streams.audio[0]
-        copy = out.add_stream_from_template(stream)
-        for packet in inp.demux(stream):
-            if packet.size:
-                packet.stream = copy
-                out.mux(packet)
+    audio_only = write_audio_only(tmp_path / "with_video.mp4", tmp_path / "tone.m4a")
     frameless = tmp_path / "frameless.mkv"
     with av.open(str(frameless), "w") as container:
         stream = container.add_stream("ffv1", rate=10)
