@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 
-from tokenflow.backbones.loading import _is_xl_checkpoint, ckpt_keys
+from tokenflow.backbones.loading import _checkpoint_family, ckpt_keys
 from tokenflow.cli import main
 from tokenflow.errors import ModelLoadError
 
@@ -28,8 +28,8 @@ def test_a_ckpt_of_tensors_is_read_and_recognised_by_its_keys(tmp_path):
     torch.save({"state_dict": {"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}}, xl)
     torch.save({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2),
                 "global_step": 10}, sd)  # plain numbers beside the tensors are fine
-    assert _is_xl_checkpoint(str(xl), xl, None, True)
-    assert not _is_xl_checkpoint(str(sd), sd, None, True)
+    assert _checkpoint_family(str(xl), xl, None, True) == "sdxl"
+    assert _checkpoint_family(str(sd), sd, None, True) == "sd"
     assert ckpt_keys(str(sd), sd) == ["cond_stage_model.transformer.text_model.final_layer_norm.weight",
                                       "global_step"]
 
@@ -40,7 +40,7 @@ def test_a_ckpt_whose_pickle_would_run_code_is_refused_and_the_code_does_not_run
     torch.save({"state_dict": {"model.diffusion_model.out.2.weight": torch.zeros(2)}, "callback": Payload(marker)},
                path)
     with pytest.raises(ModelLoadError) as exc:
-        _is_xl_checkpoint(str(path), path, None, True)
+        _checkpoint_family(str(path), path, None, True)
     message = str(exc.value)
     assert "\n" not in message and "`model`" in message and "weights_only=True" in message
     assert "Python objects besides tensors (getattr)" in message and ".safetensors" in message  # what, what to do

@@ -103,13 +103,13 @@ def test_an_sdxl_controlnet_on_an_sd_base_is_refused(pan_clip, xl_dir, tmp_path,
 def test_a_single_file_checkpoint_is_recognised_as_sdxl_by_its_keys(tmp_path):
     from safetensors.torch import save_file
 
-    from tokenflow.backbones.loading import _is_xl_checkpoint
+    from tokenflow.backbones.loading import _checkpoint_family
 
     xl_file, sd_file = tmp_path / "xl.safetensors", tmp_path / "sd.safetensors"
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(xl_file))
     save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, str(sd_file))
-    assert _is_xl_checkpoint(str(xl_file), xl_file, None, True)
-    assert not _is_xl_checkpoint(str(sd_file), sd_file, None, True)
+    assert _checkpoint_family(str(xl_file), xl_file, None, True) == "sdxl"
+    assert _checkpoint_family(str(sd_file), sd_file, None, True) == "sd"
 
 
 def test_the_keyframe_budget_counts_the_tokens_of_the_largest_attention_level(xl, tiny_model):

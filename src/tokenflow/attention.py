@@ -37,6 +37,7 @@ __all__ = [
     "PropagationCall",
     "Call",
     "TokenFlowAttnProcessor",
+    "propagated_tokens",
     "extended_attention",
     "windowed_extended_attention",
     "anchor_positions",
@@ -304,7 +305,8 @@ def windowed_extended_attention(
 ) -> torch.Tensor:
     """Extended attention restricted to a temporal window of keyframes plus evenly spaced anchor keyframes.
 
-    ``q, k, v``: ``[B, n, heads, L, d]`` -> ``[B, n, heads, L, d]``. Keyframe ``j``'s queries attend to the tokens
+    ``q, k, v``: ``[B, n, heads, L, d]`` -> ``[B, n, heads, L, d]`` (keys and values may hold more tokens a frame than
+    the queries: a diffusion transformer's image queries attend to each frame's text and image tokens). Keyframe ``j``'s queries attend to the tokens
     of keyframes ``j-window .. j+window`` (clipped) and of the ``anchors`` keyframes (:func:`keyframe_key_sets`),
     concatenated in ascending order: cost O(n * (2 * window + 1 + anchors)) frames of keys instead of O(n^2).
     ``window=None`` (or a window that covers every keyframe) is exactly :func:`extended_attention`.
@@ -324,8 +326,8 @@ def windowed_extended_attention(
 
     qf, kf, vf = frames_major(q), frames_major(k), frames_major(v)
 
-    def tokens(x: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        parts = [x[:, :, a:z].reshape(b, h, (z - a) * length, d) for a, z in consecutive_runs(positions)]
+    def tokens(x: torch.Tensor, positions: list[int]) -> torch.Tensor:  # keys may be longer than queries (DiTs)
+        parts = [x[:, :, a:z].reshape(b, h, (z - a) * x.shape[3], d) for a, z in consecutive_runs(positions)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     out = torch.empty_like(qf)
@@ -452,27 +454,34 @@ class TokenFlowAttnProcessor:
         return out
 
     def _propagate(self, hidden_states: torch.Tensor, call: PropagationCall) -> torch.Tensor:
-        total, length, dim = hidden_states.shape
-        n = total // NUM_BRANCHES
-        if len(call.prev) != n:
-            raise RuntimeError(f"a propagation call of {len(call.prev)} frames got a UNet call of {n}")
-        source = hidden_states[:n]  # correspondences come from the source video only
-        # bring over only the keyframes this batch blends, renumbered in that subset
-        needed = sorted(set(call.next) | set(call.prev))
-        stored = self.state.cache.fetch(self.name, needed, hidden_states.device)
-        local = {j: i for i, j in enumerate(needed)}
-        result = []
-        for f in range(n):  # one frame at a time bounds the [L, L] similarity matrix
-            j_next, j_prev, w = local[call.next[f]], local[call.prev[f]], call.next_weight[f]
-            nn_next = nearest_neighbors(source[f : f + 1], stored.source_inputs[j_next : j_next + 1])
-            out = gather_tokens(stored.outputs[:, j_next : j_next + 1], nn_next)
-            if j_prev != j_next or w != 1.0:
-                nn_prev = nearest_neighbors(source[f : f + 1], stored.source_inputs[j_prev : j_prev + 1])
-                prev = gather_tokens(stored.outputs[:, j_prev : j_prev + 1], nn_prev)
-                weight = torch.tensor(w, dtype=torch.float32, device=out.device)
-                out = (weight * out.float() + (1 - weight) * prev.float()).to(out.dtype)
-            result.append(out)
-        return torch.cat(result, dim=1).reshape(total, length, dim)
+        return propagated_tokens(self.state.cache, self.name, hidden_states, call)
+
+
+def propagated_tokens(cache: KeyframeCache, name: str, inputs: torch.Tensor, call: PropagationCall) -> torch.Tensor:
+    """A propagation call's attention outputs of layer ``name``: for each frame, the stored keyframe outputs (all
+    branches) gathered along the nearest neighbours of its source-branch ``inputs`` ``[3n, L, C]`` among the
+    keyframes' source inputs, previous and next keyframe blended by the call's weights."""
+    total, length, _ = inputs.shape
+    n = total // NUM_BRANCHES
+    if len(call.prev) != n:
+        raise RuntimeError(f"a propagation call of {len(call.prev)} frames got a denoiser call of {n}")
+    source = inputs[:n]  # correspondences come from the source video only
+    # bring over only the keyframes this batch blends, renumbered in that subset
+    needed = sorted(set(call.next) | set(call.prev))
+    stored = cache.fetch(name, needed, inputs.device)
+    local = {j: i for i, j in enumerate(needed)}
+    result = []
+    for f in range(n):  # one frame at a time bounds the [L, L] similarity matrix
+        j_next, j_prev, w = local[call.next[f]], local[call.prev[f]], call.next_weight[f]
+        nn_next = nearest_neighbors(source[f : f + 1], stored.source_inputs[j_next : j_next + 1])
+        out = gather_tokens(stored.outputs[:, j_next : j_next + 1], nn_next)
+        if j_prev != j_next or w != 1.0:
+            nn_prev = nearest_neighbors(source[f : f + 1], stored.source_inputs[j_prev : j_prev + 1])
+            prev = gather_tokens(stored.outputs[:, j_prev : j_prev + 1], nn_prev)
+            weight = torch.tensor(w, dtype=torch.float32, device=out.device)
+            out = (weight * out.float() + (1 - weight) * prev.float()).to(out.dtype)
+        result.append(out)
+    return torch.cat(result, dim=1).reshape(total, length, -1)
 
 
 def _conv_injection_hook(state: TokenFlowState):
@@ -502,8 +511,9 @@ def tokenflow_attention(unet, state: TokenFlowState, layers=None) -> Iterator[tu
     original = unet.attn_processors
     processors = dict(original)
     qk_set = set(qk)
+    make = getattr(layers, "processor", None) or TokenFlowAttnProcessor
     for name in self_attn:
-        processors[name] = TokenFlowAttnProcessor(state, name, inject_qk=name in qk_set, fallback=original[name])
+        processors[name] = make(state, name, inject_qk=name in qk_set, fallback=original[name])
     handles = []
     try:
         unet.set_attn_processor(processors)

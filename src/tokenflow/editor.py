@@ -32,7 +32,7 @@ from .errors import InputError
 from .events import CancelToken, ProgressCallback, Tracker, as_progress
 from .inversion import InversionCache, SourceLatents, invert_frames
 from .io.disktensor import DiskTensor
-from .inversion.ddim import ddim_transition, implied_noise, next_alphas, noised
+from .inversion.ddim import next_alphas
 from .keyframes import RandomKeyframes, make_schedule
 from .modes import get_mode
 from .options import DEFAULT_NEGATIVE_PROMPT, EditConfig, resolve_inversion
@@ -153,7 +153,7 @@ class TokenFlowEditor:
         config.check_inputs()
         model = self.model
         started = time.perf_counter()
-        scheduler = model.make_scheduler()
+        scheduler = model.make_scheduler(tuple(source.clean.shape[2:]))
         scheduler.set_timesteps(config.steps)
         schedule_all = [int(t) for t in scheduler.timesteps]
         mode = get_mode(config.mode)
@@ -171,11 +171,11 @@ class TokenFlowEditor:
 
         if not timesteps:  # strength 0: nothing to denoise, the clean latents come back
             return EditOutput(source.clean.clone(), [], [], 0, time.perf_counter() - started)
-        alphas = scheduler.alphas_cumprod
+        alphas, final = model.noise_levels(scheduler)
         top = source.noisiest
-        x = _start_latents(source, alphas[top], alphas[timesteps[0]], config.batch_size, workspace)
+        x = _start_latents(model, source, alphas[top], alphas[timesteps[0]], config.batch_size, workspace)
         buffers = _Buffers(x, workspace)
-        alpha_next = next_alphas(scheduler)
+        alpha_next = next_alphas(scheduler, alphas, final)
 
         factor = model.vae_scale_factor
         texts = model.condition(
@@ -283,10 +283,12 @@ class TokenFlowEditor:
         return out
 
 
-def _start_latents(source: SourceLatents, alpha_top, alpha_start, batch_size: int, workspace: Path | None):
+def _start_latents(model: Backbone, source: SourceLatents, alpha_top, alpha_start, batch_size: int,
+                   workspace: Path | None):
     """The start latent: the clean latents re-noised to the first timestep run, with the noise implied by the
     noisiest inverted latents (in memory, or a batch at a time into the workspace: the same elementwise maths)."""
     top = source.noisiest
+    implied_noise, noised = model.implied_noise, model.noised
     if workspace is None:
         eps = implied_noise(source.noisy[top][:], source.clean, alpha_top)
         return noised(source.clean, eps, alpha_start)
@@ -399,16 +401,20 @@ class _StepRunner:
         latents = torch.cat([src_t[frames], x[frames], x[frames]]).to(model.device, model.dtype)
         text = self.texts.rows(torch.arange(NUM_BRANCHES).repeat_interleave(n))  # branch-major, n frames each
         extra = self.conditioner(latents, text, frames, t) if self.conditioner is not None else {}
+        extra.update(model.branch_kwargs(self.guidance, n))
         with self.state.calling(call):
             pred = model.predict(latents, t, text, **extra)
         self.frame_evaluations += NUM_BRANCHES * n
         _, uncond, cond = pred.chunk(NUM_BRANCHES)
-        guided = (uncond + self.guidance * (cond - uncond)).cpu()  # classifier-free guidance on the raw outputs
+        if model.classifier_free_guidance:
+            guided = (uncond + self.guidance * (cond - uncond)).cpu()  # classifier-free guidance on the raw outputs
+        else:  # guidance-distilled: the scale went in as an input (branch_kwargs)
+            guided = cond.cpu()
         current = x[frames]
         eps = model.predicted_noise(guided, current, self.alphas[t])  # linear: CFG commutes with it
         if self.on_frames is not None:
             self.on_frames(n if count is None else count)
-        nxt = ddim_transition(current, eps, self.alphas[t], self.alpha_next[t])
+        nxt = model.transition(current, eps, self.alphas[t], self.alpha_next[t])
         # checked per call, so a full-length array on disk is never read back for it; fail early, not black
         check_finite(nxt, f"the edited latents after step {self.step + 1}", self.model.dtype)
         return nxt

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import string
 from pathlib import Path
 
@@ -25,10 +26,13 @@ log = logging.getLogger(__name__)
 __all__ = [
     "build_tiny_sd",
     "build_tiny_sdxl",
+    "build_tiny_sd3",
+    "build_tiny_flux",
     "build_tiny_controlnet",
     "build_tiny_lora",
     "build_tiny_depth_estimator",
     "write_tiny_tokenizer",
+    "write_tiny_t5_tokenizer",
 ]
 
 # SD 2.1-base's scheduler configuration (DDIM, "leading" spacing, offset 1).
@@ -68,10 +72,11 @@ def write_tiny_tokenizer(path: Path) -> None:
     )
 
 
-def _tiny_vae(channels: tuple[int, ...], scaling_factor: float = 0.18215):
+def _tiny_vae(channels: tuple[int, ...], scaling_factor: float = 0.18215, **config):
+    """A small AutoencoderKL; ``config`` overrides the rest (latent_channels, shift_factor, use_quant_conv, ...)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    settings = dict(
         in_channels=3,
         out_channels=3,
         block_out_channels=channels,
@@ -82,6 +87,70 @@ def _tiny_vae(channels: tuple[int, ...], scaling_factor: float = 0.18215):
         layers_per_block=1,
         sample_size=64,
         scaling_factor=scaling_factor,
+    )
+    settings.update(config)
+    return AutoencoderKL(**settings)
+
+
+# Characters the tiny T5 tokenizer knows, each as a word start ("▁a") and as a continuation ("a").
+T5_CHARACTERS = string.ascii_letters + string.digits + string.punctuation
+
+
+def write_tiny_t5_tokenizer(path: Path, *, model_max_length: int = 512) -> None:
+    """Write a character-level T5 tokenizer (tokenizer.json: a SentencePiece-style Unigram, no spiece.model) that
+    loads offline with ``T5TokenizerFast.from_pretrained``.
+
+    Ids as in T5: ``<pad>`` 0, ``</s>`` 1 (appended to every sequence), ``<unk>`` 2; no ``<extra_id_*>`` sentinels.
+    Both cases are in the vocabulary rather than lower-casing with a normalizer: transformers 5 rebuilds a T5
+    tokenizer's pipeline from the Unigram vocabulary on loading (WhitespaceSplit + Metaspace, dropping any
+    normalizer), so a normalizer would tokenize differently before and after saving.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    path = Path(path)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for ch in T5_CHARACTERS:
+        pieces += [("\u2581" + ch, -2.5), (ch, -3.0)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")]
+    )
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    T5TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    ).save_pretrained(path)
+
+
+def _tiny_t5(dim: int, layers: int = 2):
+    """A T5 v1.1-style encoder (gated GELU, untied embeddings) whose vocabulary covers the tiny T5 tokenizer."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=256,
+            d_model=dim,
+            d_kv=dim // 4,
+            d_ff=2 * dim,
+            num_layers=layers,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
     )
 
 
@@ -267,9 +336,163 @@ def build_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
         scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
     )
     pipe.save_pretrained(path)
-    import shutil
-
     shutil.rmtree(path / "_tokenizer")
+    return path
+
+
+# Scheduler configurations of the released checkpoints (their scheduler_config.json files).
+SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
+FLUX_DEV_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+FLUX_SCHNELL_SCHEDULER_CONFIG = dict(FLUX_DEV_SCHEDULER_CONFIG, shift=1.0, use_dynamic_shifting=False)
+
+
+def _tiny_tokenizers(scratch: Path):
+    """The tiny CLIP and T5 tokenizers, written to ``scratch`` and loaded back (as a user's folder would load)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    write_tiny_tokenizer(scratch / "clip")
+    write_tiny_t5_tokenizer(scratch / "t5")
+    return CLIPTokenizer.from_pretrained(scratch / "clip"), T5TokenizerFast.from_pretrained(scratch / "t5")
+
+
+def build_tiny_sd3(path: Path, *, seed: int = 0, with_t5: bool = True) -> Path:
+    """A random-weight Stable Diffusion 3 (medium)-shaped pipeline, saved to ``path`` for
+    ``StableDiffusion3Pipeline.from_pretrained``.
+
+    As in SD3: 16 latent channels, VAE factor 8 (4 levels, no quant convs, SD3's shift and scaling factors),
+    2x2 patches, two CLIP text encoders with projection (per-token hidden states concatenated, 32 + 32, and
+    zero-padded to T5's width; pooled 32 + 32 = 64), a T5 encoder, flow matching with shift 3. The native size is
+    64 px (``sample_size`` 8 latents); image sides must be multiples of 16 px (VAE factor x patch), 64 px gives
+    4 x 4 = 16 image tokens. The text sequence is 77 CLIP tokens + ``max_sequence_length`` T5 tokens (256 by default).
+
+    T5's ``d_model`` (= ``joint_attention_dim``) is 64, not diffusers' test value 32, so that the 64-wide CLIP
+    concatenation fits as in SD3 (768 + 1280 padded to 4096): with 32, the pipeline's ``F.pad`` by a negative width
+    would silently crop the second CLIP encoder's hidden states away.
+
+    ``with_t5=False`` saves ``text_encoder_3`` and ``tokenizer_3`` as null (SD3 then feeds zeros for T5's tokens);
+    diffusers loads such a folder only with them passed explicitly:
+    ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    path = Path(path)
+    latent_channels, text_dim, t5_dim = 16, 32, 64
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=t5_dim,
+            pooled_projection_dim=2 * text_dim,
+            pos_embed_max_size=64,  # sides up to 64 patches = 1024 px
+        )
+        torch.manual_seed(seed + 1)
+        vae = _tiny_vae(
+            (8, 16, 16, 16),
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            latent_channels=latent_channels,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        config = _tiny_text_config(text_dim, layers=2)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModelWithProjection(config)
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(config)
+        torch.manual_seed(seed + 4)
+        text_encoder_3 = _tiny_t5(t5_dim) if with_t5 else None
+    finally:
+        torch.random.set_rng_state(gen_state)
+    clip_tokenizer, t5_tokenizer = _tiny_tokenizers(path / "_tokenizers")
+    StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer if with_t5 else None,
+    ).save_pretrained(path)
+    shutil.rmtree(path / "_tokenizers")
+    return path
+
+
+def build_tiny_flux(path: Path, *, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A random-weight FLUX.1-shaped pipeline, saved to ``path`` for ``FluxPipeline.from_pretrained``.
+
+    ``guidance_embeds=True`` is FLUX.1-dev-like (distilled guidance input, resolution-dependent "dynamic" shift);
+    ``False`` is FLUX.1-schnell-like (no guidance input, shift 1). 4 latent channels (the real one has 16), VAE
+    factor 8 (4 levels, no quant convs, FLUX's shift and scaling factors); the pipeline packs 2x2 latent patches
+    into tokens, so the transformer takes 4 x 4 = 16 channels with ``patch_size`` 1, image sides must be multiples
+    of 16 px and 64 px gives 4 x 4 = 16 image tokens. CLIP (hidden 32) gives only the pooled vector; T5
+    (``d_model`` 32) the token sequence. Rotary axes (4, 4, 8) add up to the head width 16.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    latent_channels, text_dim = 4, 32
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * latent_channels,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=text_dim,
+            pooled_projection_dim=text_dim,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 4, 8),
+        )
+        torch.manual_seed(seed + 1)
+        vae = _tiny_vae(
+            (8, 16, 16, 16),
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            latent_channels=latent_channels,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(_tiny_text_config(text_dim, layers=2))
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = _tiny_t5(text_dim)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    scheduler_config = FLUX_DEV_SCHEDULER_CONFIG if guidance_embeds else FLUX_SCHNELL_SCHEDULER_CONFIG
+    clip_tokenizer, t5_tokenizer = _tiny_tokenizers(path / "_tokenizers")
+    FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+    ).save_pretrained(path)
+    shutil.rmtree(path / "_tokenizers")
     return path
 
 

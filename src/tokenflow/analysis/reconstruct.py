@@ -67,7 +67,7 @@ def reconstruct_from_tokens(
     n = source.clean.shape[0]
     targets = list(to_frames)
     check_frames(n, from_frame, targets)
-    scheduler = model.make_scheduler()
+    scheduler = model.make_scheduler(tuple(source.clean.shape[2:]))
     scheduler.set_timesteps(steps)
     timesteps = [int(t) for t in scheduler.timesteps]
     missing = [t for t in timesteps if t not in source.noisy]
@@ -85,7 +85,8 @@ def reconstruct_from_tokens(
         # guidance 0 keeps the unconditional branch alone: every branch is the inversion prompt's plain denoising
         texts = model.condition([prompt] * 3, height=h * factor, width=w * factor)
         state = TokenFlowState()
-        run = _StepRunner(model, scheduler.alphas_cumprod, next_alphas(scheduler), texts, 0.0, state)
+        levels, final = model.noise_levels(scheduler)
+        run = _StepRunner(model, levels, next_alphas(scheduler, levels, final), texts, 0.0, state)
         bar = Tracker("denoising", len(timesteps) * len(frames), progress, cancel)
         run.on_frames = bar.update
         keyframe = KeyframeCall.all(1)

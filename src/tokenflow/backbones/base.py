@@ -18,14 +18,10 @@ What a backbone provides:
   (:func:`tokenflow.inversion.ddim.ddim_transition`);
 - the VAE: ``encode_frames`` / ``decode_latents``; the schedule: ``make_scheduler()`` (timesteps and alphas).
 
-A diffusion-transformer family (SD3's ``SD3Transformer2DModel``, FLUX's ``FluxTransformer2DModel``) would implement
-the same interface: ``attention_tokens`` is the number of image tokens (latent h*w / patch size^2);
-``layers`` names the joint-attention blocks (image-token part only: text tokens stay per frame) and, for PnP, the
-blocks that carry structure (chosen by measurement) and the feature to inject; ``condition`` returns the joint
-text tokens and pooled embeddings (and FLUX's guidance embedding); ``predict`` returns the velocity, and the noise
-maths becomes flow matching's (``x_t = (1 - s) x0 + s eps``, an Euler step instead of DDIM's transition), so
-``prediction_type`` gains ``"flow"`` and the inversion an ODE inversion on the editing grid. The attention
-processors would need a joint-attention variant that splits image from text tokens.
+The diffusion-transformer families (SD3's ``SD3Transformer2DModel``, FLUX's ``FluxTransformer2DModel``,
+:mod:`tokenflow.backbones.dit`) implement the same interface with flow matching's noise maths (``transition``,
+``noised``, ``implied_noise``, ``noise_levels``: Euler steps on sigmas keyed as integers), joint-attention
+processors (``Layers.processor``) that act on image tokens only, and no residual-feature role.
 """
 
 from __future__ import annotations
@@ -33,7 +29,7 @@ from __future__ import annotations
 import threading
 import weakref
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,6 +63,8 @@ class Layers:
     self_attention: tuple[str, ...]  # processors TokenFlow replaces (keyframe attention, propagation)
     qk: tuple[str, ...]  # PnP: processors whose edited branches take the source's queries and keys
     residual: tuple[str, ...]  # PnP: blocks whose edited branches take the source's residual features
+    # ``processor(state, name, inject_qk=, fallback=)``: the attention processor of the family (None: the UNet's)
+    processor: object = field(default=None, compare=False)
 
     def __iter__(self):  # unpacks as (self_attention, qk, residual) lists
         return iter((list(self.self_attention), list(self.qk), list(self.residual)))
@@ -81,7 +79,8 @@ class Backbone(ABC):
     ``model_id``, ``revision``, ``loras``, ``controlnet`` and the modules themselves."""
 
     family: str = ""
-    unet: torch.nn.Module
+    flow_matching: bool = False  # rectified-flow noise maths (SD3, FLUX) instead of DDIM's
+    unet: torch.nn.Module  # the denoiser: a UNet, or a diffusion transformer
     device: torch.device
     dtype: torch.dtype
 
@@ -130,9 +129,45 @@ class Backbone(ABC):
 
         return predicted_noise(self.prediction_type, output, x, alpha)
 
+    # -- the noise maths: DDIM's (Song et al., 2021) by default; flow-matching families override these -----------
+
+    def noise_levels(self, scheduler) -> tuple:
+        """(timestep -> noise level, the level sampling ends at) of a scheduler from :meth:`make_scheduler`: the
+        cumulative alphas and the final alpha for DDIM; the flow families' sigmas and 0."""
+        return scheduler.alphas_cumprod, scheduler.final_alpha_cumprod
+
+    def transition(self, x: torch.Tensor, direction: torch.Tensor, level_from, level_to) -> torch.Tensor:
+        """One deterministic step from noise level ``level_from`` to ``level_to``, given the denoiser's prediction
+        as :meth:`predicted_noise` returns it (DDIM's eq. 12 with eta 0: sampling and inversion alike)."""
+        from ..inversion.ddim import ddim_transition
+
+        return ddim_transition(x, direction, level_from, level_to)
+
+    def noised(self, x0: torch.Tensor, eps: torch.Tensor, level) -> torch.Tensor:
+        """``x0`` at noise level ``level`` with noise ``eps`` (the forward process)."""
+        from ..inversion.ddim import noised
+
+        return noised(x0, eps, level)
+
+    def implied_noise(self, x: torch.Tensor, x0: torch.Tensor, level) -> torch.Tensor:
+        """The noise that takes ``x0`` to ``x`` at ``level`` (inverse of :meth:`noised`)."""
+        from ..inversion.ddim import implied_noise
+
+        return implied_noise(x, x0, level)
+
+    def branch_kwargs(self, guidance: float, frames: int) -> dict:
+        """Extra denoiser inputs of a three-branch call of ``frames`` frames a branch (FLUX's guidance embedding);
+        none for classifier-free-guided families."""
+        return {}
+
+    #: whether the edit mixes an unconditional and a conditional prediction (classifier-free guidance); a
+    #: guidance-distilled family (FLUX.1) takes the scale as an input instead and its conditional branch is used
+    classifier_free_guidance: bool = True
+
     @abstractmethod
-    def make_scheduler(self):
-        """A fresh scheduler with the checkpoint's noise schedule (timesteps and alphas)."""
+    def make_scheduler(self, latent_size: tuple[int, int] | None = None):
+        """A fresh scheduler with the checkpoint's noise schedule (timesteps and noise levels); ``latent_size``:
+        the latents' (h, w), for schedules that shift with the image size (FLUX's)."""
 
     @abstractmethod
     def condition(self, prompts: list[str], height: int, width: int) -> TextConditioning: ...

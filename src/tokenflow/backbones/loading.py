@@ -12,6 +12,7 @@ import torch
 from ..errors import InputError, ModelLoadError
 from ..options import DEFAULT_MODEL
 from .base import Backbone
+from .dit import FluxModel, SD3Model
 from .sd import StableDiffusionModel
 from .sdxl import StableDiffusionXLModel
 
@@ -125,19 +126,33 @@ def ckpt_keys(model: str, path: Path) -> list[str]:
     return [str(k) for k in state]
 
 
-def _is_xl_checkpoint(model: str, path: Path, revision, local_files_only: bool) -> bool:
-    """Whether a folder, hub repo or single file holds an SDXL-family pipeline (read from metadata, not weights)."""
+# the first tensor-name prefix found in a single file tells its family (original checkpoints' layouts)
+_SINGLE_FILE_FAMILIES = (
+    ("sd3", ("model.diffusion_model.joint_blocks.", "joint_blocks.")),
+    ("flux", ("model.diffusion_model.double_blocks.", "double_blocks.")),
+    ("sdxl", ("conditioner.embedders.1",)),
+)
+_PIPELINE_FAMILIES = (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("XL", "sdxl"))
+
+
+def _checkpoint_family(model: str, path: Path, revision, local_files_only: bool) -> str:
+    """``sd``, ``sdxl``, ``sd3`` or ``flux``: the family of a folder, hub repo or single file (read from metadata,
+    not weights)."""
     import json
 
     if path.is_file():
+        keys: list[str] = []
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
-                return any(k.startswith("conditioner.embedders.1") for k in f.keys())
-        if path.suffix == ".ckpt":
-            return any(k.startswith("conditioner.embedders.1") for k in ckpt_keys(model, path))
-        return False
+                keys = list(f.keys())
+        elif path.suffix == ".ckpt":
+            keys = ckpt_keys(model, path)
+        for family, prefixes in _SINGLE_FILE_FAMILIES:
+            if any(k.startswith(prefixes) for k in keys):
+                return family
+        return "sd"
     index = path / "model_index.json"
     if not path.is_dir():
         try:
@@ -145,10 +160,11 @@ def _is_xl_checkpoint(model: str, path: Path, revision, local_files_only: bool) 
 
             index = Path(hf_hub_download(model, "model_index.json", revision=revision, local_files_only=local_files_only))
         except Exception:  # noqa: BLE001 - the pipeline load below reports the real problem
-            return False
+            return "sd"
     if not index.is_file():
-        return False
-    return "XL" in json.loads(index.read_text()).get("_class_name", "")
+        return "sd"
+    name = json.loads(index.read_text()).get("_class_name", "")
+    return next((family for part, family in _PIPELINE_FAMILIES if part in name), "sd")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -175,12 +191,23 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _load_pipeline(model: str, path: Path, revision, local_files_only: bool, kwargs: dict):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _without_t5(folder: Path) -> bool:
+    import json
 
-    cls = StableDiffusionXLPipeline if _is_xl_checkpoint(model, path, revision, local_files_only) else StableDiffusionPipeline
-    if cls is StableDiffusionXLPipeline:
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    return index.get("text_encoder_3", [None])[0] is None if "text_encoder_3" in index else False
+
+
+def _load_pipeline(model: str, path: Path, revision, local_files_only: bool, kwargs: dict):
+    import diffusers
+
+    family = _checkpoint_family(model, path, revision, local_files_only)
+    cls = getattr(diffusers, {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                              "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family])
+    if family != "sd":
         kwargs = {k: v for k, v in kwargs.items() if k not in ("safety_checker", "requires_safety_checker")}
+    if family == "sd3" and path.is_dir() and _without_t5(path):
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)  # SD3 without T5: diffusers wants them passed as None
     with warnings.catch_warnings():
         # newer diffusers rename torch_dtype to dtype; the old name works on every supported version
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
@@ -234,8 +261,13 @@ def load_model(
         raise
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors all mean "cannot load"
         raise ModelLoadError(f"`model` {model}: {_explain_load_error(exc)}") from exc
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    flow = backbone_for(denoiser).flow_matching
+    if flow and controlnet is not None:
+        raise ModelLoadError(f"`controlnet` {controlnet}: ControlNet mode supports the SD 1.x/2.x and SDXL UNet "
+                             f"models; {type(denoiser).__name__} is not one")
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "v_prediction"):
+    if not flow and prediction not in ("epsilon", "v_prediction"):
         raise ModelLoadError(
             f"`model` {model}: its scheduler predicts {prediction!r}; DDIM inversion here supports epsilon and "
             "v_prediction models (set prediction_type in scheduler/scheduler_config.json if it is mislabelled)"
@@ -244,8 +276,8 @@ def load_model(
     if loras:
         _apply_loras(pipe, loras)
     control_model = _load_controlnet(str(controlnet), pipe.unet, dtype) if controlnet is not None else None
-    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
-    modules = [m for m in (pipe.text_encoder, text_encoder_2, pipe.unet, control_model, pipe.vae) if m is not None]
+    text_encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    modules = [m for m in (*text_encoders, denoiser, control_model, pipe.vae) if m is not None]
     for module in modules:
         module.eval()
         module.requires_grad_(False)
@@ -253,7 +285,7 @@ def load_model(
             module.to(device)
     if offload not in (None, "none"):
         _offload(modules, offload, device)
-    cls = backbone_for(pipe.unet)
+    cls = backbone_for(denoiser)
     if cls is StableDiffusionXLModel and dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in float16 (diffusers' own pipelines upcast it too)
     logger.info("loaded %s on %s (%s)", model, device, str(dtype).replace("torch.", ""))
@@ -262,7 +294,7 @@ def load_model(
         controlnet=control_model,
         controlnet_id=None if controlnet is None else str(controlnet),
         pipeline=pipe,
-        unet=pipe.unet,
+        unet=denoiser,
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer,
@@ -274,9 +306,12 @@ def load_model(
     )
 
 
-def backbone_for(unet) -> type[StableDiffusionModel]:
-    """The backbone class that fits a loaded denoiser."""
-    return StableDiffusionXLModel if StableDiffusionXLModel.fits(unet) else StableDiffusionModel
+def backbone_for(denoiser) -> type[StableDiffusionModel]:
+    """The backbone class that fits a loaded denoiser (a UNet or a diffusion transformer)."""
+    for cls in (SD3Model, FluxModel, StableDiffusionXLModel):
+        if cls.fits(denoiser):
+            return cls
+    return StableDiffusionModel
 
 
 def _offload(modules: list[torch.nn.Module], mode: str, device: torch.device) -> None:

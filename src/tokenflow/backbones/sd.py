@@ -62,7 +62,7 @@ class StableDiffusionModel(Backbone):
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
-    def make_scheduler(self):
+    def make_scheduler(self, latent_size: tuple[int, int] | None = None):
         """A fresh DDIM scheduler with the checkpoint's own noise schedule and prediction type."""
         from diffusers import DDIMScheduler
 
@@ -99,7 +99,9 @@ class StableDiffusionModel(Backbone):
         out = []
         for i in range(0, frames.shape[0], batch_size):
             x = torch.as_tensor(frames[i : i + batch_size]).to(self.device).permute(0, 3, 1, 2).to(self.vae.dtype) / 255.0
-            latent = self.vae.encode(2 * x - 1).latent_dist.mean * self.vae.config.scaling_factor
+            mean = self.vae.encode(2 * x - 1).latent_dist.mean
+            shift = self.vae.config.get("shift_factor")  # SD3/FLUX's VAEs centre their latents too
+            latent = (mean if shift is None else mean - shift) * self.vae.config.scaling_factor
             check_finite(latent, "the VAE's latents of the frames", self.vae.dtype)
             out.append(latent.float().cpu().contiguous())  # the permuted input leaves channels-last strides
         return torch.cat(out)
@@ -108,6 +110,9 @@ class StableDiffusionModel(Backbone):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (any device) -> uint8 frames ``[n,H,W,3]`` on the CPU."""
         latents = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
+        shift = self.vae.config.get("shift_factor")
+        if shift is not None:
+            latents = latents + shift
         image = self.vae.decode(latents).sample
         check_finite(image, "the decoded frames", self.vae.dtype)  # clamped, NaN would be a black video
         image = (image.float() / 2 + 0.5).clamp(0, 1)

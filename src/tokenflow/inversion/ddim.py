@@ -17,23 +17,34 @@ __all__ = ["inversion_grid", "ddim_invert", "ddim_reconstruct", "predicted_noise
            "implied_noise", "next_alphas", "PREDICTION_TYPES"]
 
 
-def _timesteps(model: Backbone, steps: int) -> list[int]:
-    scheduler = model.make_scheduler()
+def _timesteps(model: Backbone, steps: int, latent_size: tuple[int, int] | None = None) -> list[int]:
+    scheduler = model.make_scheduler(latent_size)
     scheduler.set_timesteps(steps)
     return [int(t) for t in scheduler.timesteps]
 
 
-def inversion_grid(model: Backbone, steps: int, inversion_steps: int) -> tuple[list[int], list[int]]:
+def inversion_grid(model: Backbone, steps: int, inversion_steps: int,
+                   latent_size: tuple[int, int] | None = None) -> tuple[list[int], list[int]]:
     """(ascending timesteps the inversion visits, timesteps whose latents are saved).
 
     The grid is the inversion schedule joined with the editing schedule, so any ``steps``/``inversion_steps`` pair
     works (the reference crashes late when they do not nest); when they nest it equals the reference's grid.
-    Saved: every editing timestep and the noisiest one.
+    Saved: every editing timestep and the noisiest one. A flow-matching model inverts on the editing grid itself
+    (the ODE's Euler steps, :class:`~tokenflow.inversion.flow.FlowMatchSchedule`); ``latent_size``: the latents'
+    (h, w), for schedules that shift with the image size.
     """
-    train = model.make_scheduler().config.num_train_timesteps
+    train = model.make_scheduler(latent_size).config.num_train_timesteps
     for flag, value in (("`steps`", steps), ("`inversion_steps`", inversion_steps)):
         if not 1 <= value <= train:  # diffusers would raise its own ValueError deep inside
             raise InputError(f"{flag} {value}: must be between 1 and {train} (the model's training timesteps)")
+    if getattr(model, "flow_matching", False):
+        if inversion_steps != steps:
+            raise InputError(
+                f"`inversion_steps` {inversion_steps} (`inversion` ddim means 500): a flow-matching model (SD3, FLUX) "
+                f"inverts on the editing grid of {steps} `steps`; use `inversion` fixed-point "
+                "(`inversion_refinements` 0 for plain Euler inversion) and leave `inversion_steps` unset")
+        grid = sorted(_timesteps(model, steps, latent_size))
+        return grid, grid
     edit = set(_timesteps(model, steps))
     inverted = set(_timesteps(model, inversion_steps))
     for flag, value, ts in (("`steps`", steps, edit), ("`inversion_steps`", inversion_steps, inverted)):
@@ -66,13 +77,14 @@ def ddim_transition(x: torch.Tensor, eps: torch.Tensor, alpha_from, alpha_to) ->
     return alpha_to**0.5 * x0 + (1 - alpha_to) ** 0.5 * eps
 
 
-def next_alphas(scheduler) -> dict:
+def next_alphas(scheduler, levels=None, final=None) -> dict:
     """Timestep -> the noise level a sampling step from it goes to, for a scheduler whose ``set_timesteps`` was
-    called: the next timestep of its schedule, the last one to the final alpha."""
+    called: the next timestep of its schedule, the last one to the final level. ``levels``/``final``: the
+    backbone's :meth:`~tokenflow.backbones.base.Backbone.noise_levels` (default: DDIM's alphas)."""
     schedule = [int(t) for t in scheduler.timesteps]
-    alphas = scheduler.alphas_cumprod
+    alphas = scheduler.alphas_cumprod if levels is None else levels
     out = {t: alphas[u] for t, u in zip(schedule, schedule[1:])}
-    out[schedule[-1]] = scheduler.final_alpha_cumprod
+    out[schedule[-1]] = scheduler.final_alpha_cumprod if final is None else final
     return out
 
 
@@ -108,7 +120,7 @@ def _invert_batch(
     ``eps`` at the current estimate and redoes the step (AIDI, Pan et al., ICCV 2023; ReNoise, Garibi et al., ECCV
     2024): one UNet call more per step, and the sampler then retraces the inverted path closely."""
     scheduler = model.make_scheduler()
-    alphas = scheduler.alphas_cumprod
+    alphas, final = model.noise_levels(scheduler)
     saved = set(save)
     first = 0 if resume is None else grid.index(resume[0]) + 1
     x = (latents if resume is None else resume[1]).to(model.device, torch.float32)
@@ -116,13 +128,13 @@ def _invert_batch(
     for i in range(first, len(grid)):
         t = grid[i]
         a_t = alphas[t].to(model.device)
-        a_prev = (alphas[grid[i - 1]] if i > 0 else scheduler.final_alpha_cumprod).to(model.device)
+        a_prev = (alphas[grid[i - 1]] if i > 0 else final).to(model.device)
         eps = model.predicted_noise(model.predict(x, t, text), x, a_t)  # predicted at the target level t
         start = x
-        x = ddim_transition(start, eps, a_prev, a_t)
+        x = model.transition(start, eps, a_prev, a_t)
         for _ in range(refinements):
             eps = model.predicted_noise(model.predict(x, t, text), x, a_t)  # at the current estimate of x_t
-            x = ddim_transition(start, eps, a_prev, a_t)
+            x = model.transition(start, eps, a_prev, a_t)
         if t in saved:
             check_finite(x, f"the inverted latents at timestep {t}", model.dtype)  # before they reach the cache
             on_saved(t, x.cpu())
@@ -169,14 +181,14 @@ def _reconstruct_batch(
 ) -> torch.Tensor:
     """DDIM sampling of one batch from its noisiest latents ``top`` down ``path`` (descending) to t=0."""
     scheduler = model.make_scheduler()
-    alphas = scheduler.alphas_cumprod
+    alphas, final = model.noise_levels(scheduler)
     x = top.to(model.device, torch.float32)
     text = cond.rows([0] * x.shape[0])
     for i, t in enumerate(path):
         a_t = alphas[t].to(model.device)
-        a_next = (alphas[path[i + 1]] if i + 1 < len(path) else scheduler.final_alpha_cumprod).to(model.device)
+        a_next = (alphas[path[i + 1]] if i + 1 < len(path) else final).to(model.device)
         eps = model.predicted_noise(model.predict(x, t, text), x, a_t)
-        x = ddim_transition(x, eps, a_t, a_next)
+        x = model.transition(x, eps, a_t, a_next)
     return x.cpu()
 
 

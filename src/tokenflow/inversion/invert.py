@@ -54,7 +54,8 @@ def invert_frames(
     if refinements < 0:
         raise InputError(f"`inversion_refinements` {refinements}: must be 0 or more")
     progress = as_progress(progress)
-    grid, save = inversion_grid(model, steps, inversion_steps)
+    factor = model.vae_scale_factor
+    grid, save = inversion_grid(model, steps, inversion_steps, (frames.shape[1] // factor, frames.shape[2] // factor))
     cond = model.condition([prompt], height=frames.shape[1], width=frames.shape[2])
     info = dict(prompt=prompt, steps=steps, inversion_steps=inversion_steps, refinements=refinements, grid=grid,
                 model=model.model_id)
