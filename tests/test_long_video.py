@@ -754,8 +754,8 @@ def test_a_second_inversion_of_the_same_frames_waits_for_the_first_and_reuses_it
 
 def test_4k_frames_are_decoded_and_downscaled_one_at_a_time(tiny_model, tmp_path):
     """A 3840x2160 clip staged for a 64 px edit by the runner's own ``_prepare``, its first 6 frames and then all
-    12: the process's peak RSS grows by the same few full-size frames both times (the decoder's frames in flight,
-    one RGB frame and its resize; how many depends on the decoder's threads), never by the 6 frames more
+    12: the process's peak RSS grows by the same few full-size frames both times (the decoder's frames in flight
+    and the RGB frames held back until it is past them, a resize; how many depends on the decoder's threads), never by the 6 frames more
     (6 x 24.9 MB = 149 MB). Measured here: 7.3 and 7.2 full frames after other tests (5.2 alone)."""
     import numpy as np
 

@@ -52,7 +52,7 @@ class JointTokenFlowProcessor:
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r}: one of {LAYOUTS}")
         if layout == "flux-single" and not text_tokens:
-            raise ValueError("a single-stream layer needs its text length (`text_tokens`)")
+            raise ValueError("a single-stream layer needs its text length (text_tokens)")
         self.state, self.name, self.inject_qk = state, name, inject_qk
         self.layout, self.text_tokens = layout, text_tokens
         self._default = fallback

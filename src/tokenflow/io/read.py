@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -150,6 +152,12 @@ def _tagged_end(stream: av.video.stream.VideoStream) -> float | None:
     return None
 
 
+def _frames_in_flight() -> int:
+    """Frames a frame-threaded FFmpeg decoder may hold at once: one a thread (FFmpeg's automatic count is the
+    core count, at most 16), and one more."""
+    return min(os.cpu_count() or 1, 16) + 1
+
+
 def _sample_table(container: av.container.InputContainer) -> bool:
     return any(name in ("mov", "mp4") for name in container.format.name.split(","))
 
@@ -179,6 +187,11 @@ def _iter_container(
                 problems.clear()
             stream = container.streams.video[0]
             stream.thread_type = thread_type
+            # A frame-threaded decoder can hand out a damaged frame just before the packet that fails (measured:
+            # FFV1, the frame before a damaged one, about 1 read in 20): hold back as many frames as it may have
+            # in flight until it is past them without a problem; on one, redo them on one thread.
+            hold = _frames_in_flight() if thread_type == "AUTO" else 0
+            held: deque[tuple[int, tuple[np.ndarray, float]]] = deque()
             # the sample table of mp4/mov lists every packet (other containers' counts are estimates: an avi's
             # may count one more), and an edit list may hide some frames: compare it with the packets read
             expected = int(stream.frames) if stream.frames and _sample_table(container) else None
@@ -190,18 +203,31 @@ def _iter_container(
             last_duration = 0.0
             for frame in _decode_video(container, stream, problems, packets):
                 times.append(frame.time)
+                if hold and problems:
+                    break  # redo the held frames and the rest on one thread
                 if len(times) <= index or (problems and not allow_partial):
                     continue  # handled in the first pass, or past the damage (only counted: refused below)
                 if frame.duration and frame.time_base:
                     last_duration = float(frame.duration * frame.time_base)
                 if index >= start and (index - start) % stride == 0:
                     origin, t = _frame_time(frame, origin, index, fps)
-                    rgb = _frame_rgb(frame)
-                    yield _apply_rotation(rgb, _rotation_of(frame, stream)), t
-                    yielded += 1
-                    if max_frames is not None and yielded >= max_frames:
-                        return
+                    held.append((index, (_apply_rotation(_frame_rgb(frame), _rotation_of(frame, stream)), t)))
+                    while len(held) > hold:
+                        yield held.popleft()[1]
+                        yielded += 1
+                        if max_frames is not None and yielded >= max_frames:
+                            return
                 index += 1
+            if hold and problems:
+                if held:
+                    index = held[0][0]
+                held.clear()
+                continue
+            while held:
+                yield held.popleft()[1]
+                yielded += 1
+                if max_frames is not None and yielded >= max_frames:
+                    return
             lost = None if problems or stream.codec_context.name == "vp8" else packets.missing(times)
             if lost is not None:  # (VP8 may store invisible frames as packets of their own)
                 problems.append(lost)
