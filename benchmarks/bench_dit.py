@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--refinements", type=int, default=2)
     parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--propagation-t", type=float, default=None,
+                        help="fraction of the steps with TokenFlow (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--border", type=int, default=4)
@@ -80,7 +82,7 @@ def main() -> None:
         for mode in ("tokenflow", "none"):
             config = EditConfig(prompt=meta["caption"], inversion_prompt=meta["caption"], negative_prompt="",
                                 steps=args.steps, guidance_scale=1.0, batch_size=args.batch_size, propagation=mode,
-                                pnp=False, seed=0)
+                                pnp=False, seed=0, propagation_t=args.propagation_t)
             with torch.no_grad():
                 out = model.decode_latents(editor.edit(source, config, progress=False).latents).numpy()
             rebuilt[mode] = float(np.mean(psnr(out, vae)))
@@ -98,7 +100,7 @@ def main() -> None:
             for mode in ("tokenflow", "none"):
                 config = EditConfig(prompt=edit["prompt"], inversion_prompt=meta["caption"], negative_prompt="",
                                     steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size,
-                                    propagation=mode, seed=0)
+                                    propagation=mode, seed=0, propagation_t=args.propagation_t)
                 started = time.perf_counter()
                 out = editor.edit(source, config, progress=False)
                 seconds = time.perf_counter() - started

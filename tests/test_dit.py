@@ -281,8 +281,8 @@ def test_per_frame_mode_equals_each_frame_edited_alone(request, family, clip64):
     together = editor.edit(source, config, progress=False).latents
     alone = [editor.edit(SourceLatents(source.clean[[f]], {t: v[[f]] for t, v in source.noisy.items()}),
                          config, progress=False).latents for f in range(3)]
-    tokenflow = editor.edit(source, EditConfig(prompt="a robot", steps=3, batch_size=3, guidance_scale=4.0),
-                            progress=False).latents
+    tokenflow = editor.edit(source, EditConfig(prompt="a robot", steps=3, batch_size=3, guidance_scale=4.0,
+                                               propagation_t=1.0), progress=False).latents
     # batch 3 vs 1: other GEMM blocking only; the widest contraction is the joint attention over <= 528 tokens
     tolerance = reordering_tolerance(together, unet_evaluations=3, guidance=4.0, contraction=528)
     assert (together - torch.cat(alone)).abs().max() <= tolerance
@@ -330,3 +330,23 @@ def test_cli_refuses_ddim_inversion_on_a_flow_model_in_one_line(flux_dir, pan_cl
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "flow-matching" in err[0] and "--inversion fixed-point" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_propagation_t_runs_tokenflow_on_the_first_steps_only(sd3, tiny_model, clip64):
+    """``propagation_t``: TokenFlow on the first ``int(steps * propagation_t)`` steps (noisiest first), per frame
+    after; 0 is exactly the per-frame baseline. Transformers default to 0.1 (docs/dit.md), UNets to all steps."""
+    for model in (sd3, tiny_model):
+        editor = TokenFlowEditor(model)
+        source = editor.invert(clip64[:4], steps=10, batch_size=2, reconstruct=False, progress=False)
+
+        def edit(**kw):
+            return editor.edit(source, EditConfig(prompt="a robot", steps=10, batch_size=2, **kw), progress=False)
+
+        default, half = edit(), edit(propagation_t=0.5)
+        expected = 1 if model is sd3 else 10  # int(10 * 0.1) for transformers, every step for UNets
+        assert [bool(k) for k in default.keyframes] == [True] * expected + [False] * (10 - expected)
+        assert [bool(k) for k in half.keyframes] == [True] * 5 + [False] * 5
+        assert torch.equal(edit(propagation_t=0.0).latents, edit(propagation="none").latents)
+        assert not torch.equal(half.latents, edit(propagation="none").latents)
+    with pytest.raises(Exception, match="propagation_t"):
+        EditConfig(prompt="a", propagation_t=1.5).check_inputs()

@@ -195,6 +195,8 @@ class TokenFlowEditor:
             logger.info("keyframe attention window: %d keyframes each side, %d anchors, %s keyframes per call",
                         window, config.anchors, chunks.batch or "all")
         run = _StepRunner(model, alphas, alpha_next, texts, config.guidance_scale, state, conditioner)
+        fraction = config.propagation_t if config.propagation_t is not None else model.default_propagation_t
+        tokenflow_steps = set(schedule_all[: int(config.steps * fraction)])  # noisiest first, as PnP's gating
         used_keyframes: list[list[int]] = []
 
         bar = Tracker("editing", len(timesteps) * n_frames, progress, cancel)
@@ -205,7 +207,7 @@ class TokenFlowEditor:
                 run.step = step
                 inject = plan.injections[t]  # PnP gating is part of the step
                 src_t = source.noisy[t]
-                if config.propagation == "none":
+                if config.propagation == "none" or t not in tokenflow_steps:
                     x = self._per_frame_step(run, x, buffers.next(), src_t, t, config.batch_size, inject)
                     used_keyframes.append([])
                 else:

@@ -141,6 +141,10 @@ class EditConfig:
     pnp_attn_t: float = option(0.5, help="Fraction of steps with PnP q/k injection.")
     pnp_f_t: float = option(0.8, help="Fraction of steps with PnP residual-feature injection.")
     propagation: str = option("tokenflow", help="tokenflow, or none for the per-frame Plug-and-Play baseline.")
+    propagation_t: float | None = option(  # None: the model's (all steps on UNets; see docs/dit.md for DiTs)
+        None, type=Optional[float],
+        help="Fraction of steps edited with TokenFlow (the rest per frame; default: all, 0.1 on SD3/FLUX).",
+    )
     blending: str = option("linear", help="linear (real neighbouring keyframes) or reference (the paper code's).")
     keyframes: str | Sequence[Sequence[int]] | KeyframeSchedule = option(
         "random", type=str, help="random (per step, seeded), fixed, or a JSON file of per-step lists."
@@ -195,6 +199,8 @@ class EditConfig:
         for name, value in (("`pnp_attn_t`", self.pnp_attn_t), ("`pnp_f_t`", self.pnp_f_t)):
             if not 0.0 <= value <= 1.0:
                 raise InputError(f"{name} {value}: must be between 0 and 1 (a fraction of the steps)")
+        if self.propagation_t is not None and not 0.0 <= self.propagation_t <= 1.0:
+            raise InputError(f"`propagation_t` {self.propagation_t}: must be between 0 and 1 (a fraction of the steps)")
         if self.propagation not in PROPAGATION_MODES:
             raise InputError(f"`propagation` {self.propagation!r}: unknown; use tokenflow or none")
         if self.blending not in BLENDING_MODES:

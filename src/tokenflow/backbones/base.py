@@ -160,6 +160,10 @@ class Backbone(ABC):
         none for classifier-free-guided families."""
         return {}
 
+    #: fraction of the editing steps (noisiest first) run with TokenFlow when the user does not say (the rest per
+    #: frame): all of them for the UNet families, as in the paper
+    default_propagation_t: float = 1.0
+
     #: whether the edit mixes an unconditional and a conditional prediction (classifier-free guidance); a
     #: guidance-distilled family (FLUX.1) takes the scale as an input instead and its conditional branch is used
     classifier_free_guidance: bool = True

@@ -39,6 +39,9 @@ class FlowTransformerModel(StableDiffusionModel):
     """What SD3 and FLUX share (``unet`` holds the transformer: the denoiser, whatever its kind)."""
 
     flow_matching = True
+    # TokenFlow on the first tenth of the steps only: on the micro trained DiT, running it longer trades the
+    # rebuild of the source for flatness (docs/dit.md, measured with benchmarks/bench_dit.py)
+    default_propagation_t = 0.1
     patch = 2  # latent pixels a token covers along each side
     _t5_tokens = 256  # the pipeline's default max_sequence_length
     _t5_tokenizer = "tokenizer_3"
