@@ -2,6 +2,7 @@
 ground-truth warp error on clips of the micro world with exact known motion.
 
     python benchmarks/bench_dit.py                                 # seeds 0 1 2, both edit prompts
+    python benchmarks/bench_dit.py --propagation-t 1               # TokenFlow on every step (the paper's)
     python benchmarks/bench_dit.py --seeds 0 --edits 0 --steps 20  # a quick look
 
 For each clip (``micro_model/make_clip.py``: 16 frames, 96x64, a pan of 2 px a frame) and edit prompt: invert once
