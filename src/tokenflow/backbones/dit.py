@@ -107,8 +107,8 @@ class FlowTransformerModel(StableDiffusionModel):
         raise NotImplementedError
 
     def layers(self, selection: LayerSelection | None = None) -> Layers:
-        """Every joint-attention layer takes TokenFlow; PnP q/k injection by default in the first half of the
-        blocks (``qk_patterns`` chooses by name: ``transformer_blocks.*``, ``single_transformer_blocks.1*``...).
+        """Every joint-attention layer takes TokenFlow and, by default, PnP q/k injection (chosen by measurement on
+        the micro trained DiT, docs/dit.md; ``qk_patterns`` chooses by name: ``transformer_blocks.1*``...).
         The ResNet role (``conv_patterns``) does not exist in a transformer."""
         selection = selection or LayerSelection()
         blocks = self._block_layers()
@@ -119,8 +119,8 @@ class FlowTransformerModel(StableDiffusionModel):
             if not qk:
                 raise LayerSelectionError(f"PnP q/k layer selection qk_patterns {list(selection.qk_patterns)} "
                                           f"matches no attention layer of {model}; choose among {_summary(names)}")
-        else:
-            qk = names[: max(1, len(names) // 2)]
+        else:  # every block: on the micro DiT the first half alone changes nothing, the later blocks hold the layout
+            qk = names
         if selection.conv_patterns is not None:
             raise LayerSelectionError(f"{model} has no ResNet blocks: PnP residual features (conv_patterns) apply to "
                                       "UNet models only")
