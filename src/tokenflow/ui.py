@@ -79,6 +79,7 @@ FIELD_LABELS = {
     "keyframe_batch": "Keyframe batch",
     "anchors": "Anchors",
     "allow_partial": "--allow-partial (command line only)",
+    "propagation_t": "--propagation-t (command line only)",
     "controlnet": "ControlNet",
     "control": "Control maps",
     "canny_low": "Canny low",
