@@ -74,23 +74,29 @@ class JointTokenFlowProcessor:
             q, k = q.clone(), k.clone()
             q[n:, :, img] = q[:n, :, img].repeat(NUM_BRANCHES - 1, 1, 1, 1)
             k[n:, :, img] = k[:n, :, img].repeat(NUM_BRANCHES - 1, 1, 1, 1)
-        out = F.scaled_dot_product_attention(q, k, v)  # every frame on its own tokens (text outputs always)
-        if isinstance(call, KeyframeCall):
-            if len(call.positions) != n:
-                raise RuntimeError(f"{call} describes {len(call.positions)} frames, the transformer call has {n}")
-            if n > 1:
-                shape = (NUM_BRANCHES - 1, n) + q.shape[1:2]
-                joint = windowed_extended_attention(
-                    q[n:, :, img].reshape(*shape, length, q.shape[-1]),
-                    k[n:].reshape(*shape, k.shape[2], k.shape[-1]),
-                    v[n:].reshape(*shape, v.shape[2], v.shape[-1]),
-                    call.window, call.anchors, call.positions, call.num_keyframes,
-                )
-                out = out.clone()
-                out[n:, :, img] = joint.reshape((NUM_BRANCHES - 1) * n, *joint.shape[2:]).to(out.dtype)
-        image_out, text_out = self._outputs(attn, out, img)
+        txt = self._text_slice(img, q.shape[2])
+        attend = F.scaled_dot_product_attention
+        if isinstance(call, KeyframeCall) and len(call.positions) != n:
+            raise RuntimeError(f"{call} describes {len(call.positions)} frames, the transformer call has {n}")
+        if isinstance(call, PropagationCall):  # image outputs come from the keyframes: only text queries attend
+            image_att, text_att = None, attend(q[:, :, txt], k, v)
+        elif isinstance(call, KeyframeCall) and n > 1:
+            source = attend(q[:n], k[:n], v[:n])  # the source branch stays per frame
+            shape = (NUM_BRANCHES - 1, n) + q.shape[1:2]
+            joint = windowed_extended_attention(
+                q[n:, :, img].reshape(*shape, length, q.shape[-1]),
+                k[n:].reshape(*shape, k.shape[2], k.shape[-1]),
+                v[n:].reshape(*shape, v.shape[2], v.shape[-1]),
+                call.window, call.anchors, call.positions, call.num_keyframes,
+            )
+            image_att = torch.cat([source[:, :, img], joint.reshape((NUM_BRANCHES - 1) * n, *joint.shape[2:])])
+            text_att = torch.cat([source[:, :, txt], attend(q[n:, :, txt], k[n:], v[n:])])  # text: per frame
+        else:
+            every = attend(q, k, v)  # every frame on its own tokens
+            image_att, text_att = every[:, :, img], every[:, :, txt]
+        image_out, text_out = self._outputs(attn, image_att, text_att)
         if isinstance(call, PropagationCall):
-            image_out = propagated_tokens(self.state.cache, self.name, image, call).to(image_out.dtype)
+            image_out = propagated_tokens(self.state.cache, self.name, image, call).to(image.dtype)
         elif isinstance(call, KeyframeCall) and call.store:
             rows = list(call.store)
             tokens = KeyframeTokens(source_inputs=image[:n], outputs=image_out.view(NUM_BRANCHES, n, length, -1))
@@ -113,6 +119,10 @@ class JointTokenFlowProcessor:
 
     def _image_slice(self, total: int, length: int) -> slice:
         return slice(0, length) if self.layout == "sd3" else slice(total - length, total)
+
+    @staticmethod
+    def _text_slice(img: slice, total: int) -> slice:
+        return slice(img.stop, total) if img.start == 0 else slice(0, img.start)
 
     def _projections(self, attn, image, text, rotary):
         """Queries, keys and values of text and image tokens, normalised (and rotated), concatenated in the
@@ -152,14 +162,19 @@ class JointTokenFlowProcessor:
             k = apply_rotary_emb(k, rotary, sequence_dim=1)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def _outputs(self, attn, out, img: slice):
-        """(image outputs, text outputs) ``[B, S, C]`` as the family's processor returns them."""
-        out = out.transpose(1, 2).flatten(2, 3)
-        image = out[:, img]
-        text = out[:, : img.start] if img.start else out[:, img.stop :]
+    def _outputs(self, attn, image, text):
+        """(image outputs, text outputs) ``[B, S, C]`` as the family's processor returns them, from the attention
+        of the image and the text queries ``[B, heads, S, d]`` (``image`` None: not computed, None back)."""
+
+        def tokens(x):
+            return x.transpose(1, 2).flatten(2, 3)
+
+        text = tokens(text)
+        image = None if image is None else tokens(image)
         if self.layout == "flux-single":
             return image, text
-        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        if image is not None:
+            image = attn.to_out[1](attn.to_out[0](image.contiguous()))
         if self.layout == "flux-double" or not attn.context_pre_only:
             text = attn.to_add_out(text.contiguous())
         return image, text
