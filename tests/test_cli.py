@@ -399,6 +399,9 @@ BAD_INPUTS = [
     ("empty-mp4", dict(video="{empty}"), "empty.mp4"),
     ("truncated-mkv", dict(video="{cut_mkv}"), "cut.mkv: truncated or damaged after frame"),
     ("truncated-mkv-names-the-flag", dict(video="{cut_mkv}"), "--allow-partial"),
+    # found from the packets before the model loads (this model cannot load: its error would come first)
+    ("truncated-mkv-before-the-model", dict(video="{cut_mkv}", model="{not_model}"),
+     "cut.mkv: truncated or damaged after frame"),
     ("audio-only", dict(video="{audio_only}"), "tone.m4a: has no video stream (audio only)"),
     ("empty-prompt", dict(prompt=""), "--prompt"),
     ("blank-prompt", dict(prompt="   "), "--prompt"),
@@ -488,6 +491,35 @@ def test_an_output_location_that_cannot_be_written_is_refused_before_the_model_l
     assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("tokenflow: error:") and flag in err and str(blocker) in err
     assert blocker.read_text() == "a file, not a folder"
+
+
+def test_free_space_is_checked_at_the_models_own_size(env, tmp_path, capsys, monkeypatch):
+    # without --size the model's trained size decides what is staged (SDXL: 1024, four times SD's 512): a copy of
+    # the tiny model trained "at 2048 px" stages the clip's 10 frames at 3072x2048 RGB, about 189 MB, not 512 px's 12 MB
+    import shutil
+    from collections import namedtuple
+
+    import tokenflow.io.space as space
+
+    big = tmp_path / "model-2048"
+    shutil.copytree(env.model, big)
+    unet_config = big / "unet" / "config.json"
+    unet_config.write_text(unet_config.read_text().replace('"sample_size": 8', '"sample_size": 256'))
+    with av.open(str(env.clip)) as clip:
+        stream = clip.streams.video[0]
+        frames, width, height = stream.frames, stream.width, stream.height
+    assert (frames, width * 2048 // height) == (10, 3072)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(space.shutil, "disk_usage", lambda path: usage(2**34, 2**34 - 100 * 2**20, 100 * 2**20))
+    out = tmp_path / "out"
+    argv = ["edit", str(env.clip), "--prompt", "a robot", "--model", str(big), "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--steps", "2", "--inversion-steps", "2"]
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    need = (10 * 3072 * 2048 * 3 + space.MARGIN_BYTES) / 2**20
+    assert rc == 2 and f"100 MB free, the run needs about {need:.0f} MB" in err and "--out" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 @pytest.mark.parametrize("command, flag", [("edit", "--out"), ("invert", "--cache-dir")])

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tokenflow.errors import InputError
-from tokenflow.io import load_frames, probe, read_frames
+from tokenflow.io import check_packets, load_frames, probe, read_frames
 from tokenflow.testing import make_pan_clip
 
 SEEDS = ("pan.mp4", "pan.mkv", "pan.webm", "pan.gif", "pan.mov")
@@ -90,8 +90,15 @@ def read_variant(path: Path, allow_partial: bool) -> np.ndarray | None:
     """probe + every frame, as the runner reads; None when refused with one good InputError line."""
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(HANG_SECONDS)
+    scanned = None
     try:
         info = probe(path)
+        if not allow_partial:
+            try:
+                check_packets(path)  # the runner's check before the model loads
+            except InputError as exc:
+                scanned = exc
+                assert "\n" not in str(exc) and str(path) in str(exc), str(exc)
         frames, _ = load_frames(path, allow_partial=allow_partial)
     except InputError as exc:
         message = str(exc)
@@ -100,6 +107,8 @@ def read_variant(path: Path, allow_partial: bool) -> np.ndarray | None:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+    # the packet check never refuses what decoding takes whole
+    assert scanned is None, f"check_packets refused a file that reads: {scanned}"
     assert frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[3] == 3 and len(frames) >= 1
     assert info.width >= 1 and info.height >= 1
     return frames

@@ -17,6 +17,7 @@ from tokenflow.io import (
     VFR_TIME_BASE,
     VideoInfo,
     VideoWriter,
+    check_packets,
     contact_sheet,
     frame_spans,
     load_frames,
@@ -498,26 +499,54 @@ def test_whole_files_made_by_ffmpeg_are_not_taken_for_truncated(tmp_path, caplog
     out = tmp_path / f"made{suffix}"
     subprocess.run([ffmpeg, "-loglevel", "error", "-y", "-i", str(src), *args, str(out)] if "-ss" not in args else
                    [ffmpeg, "-loglevel", "error", "-y", *args[:2], "-i", str(src), *args[2:], str(out)], check=True)
+    check_packets(out)  # nothing missing by the container either
     with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
         frames, _ = load_frames(out)
     assert len(frames) >= 10
     assert not [r for r in caplog.records if "truncated" in r.getMessage()]
 
 
-def damage_packet(src: Path, dst: Path, k: int) -> None:
+@pytest.mark.parametrize("kind, keep", [("mkv", 0.5), ("mkv", 0.9), ("mp4", 0.67), ("mp4", 0.9)])
+def test_a_cut_file_is_refused_from_its_packets_alone(tmp_path, clips, kind, keep):
+    # what the runner checks before the model loads: the same refusal as decoding gives, without decoding
+    data = clips[kind].read_bytes()
+    path = tmp_path / f"cut.{kind}"
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(InputError) as scanned:
+        check_packets(path)
+    assert_one_line_naming(scanned, path)
+    assert "truncated or damaged after frame" in str(scanned.value) and "`allow_partial`" in str(scanned.value)
+    with pytest.raises(InputError) as decoded:
+        load_frames(path)
+    if kind == "mkv":  # FFV1 frames are whole packets: both find the same frame
+        assert str(scanned.value) == str(decoded.value)
+    check_packets(path, max_frames=1)  # a selection that ends well before the cut is left to run
+    check_packets(clips[kind])  # the whole file passes
+
+
+def damage_packet(src: Path, dst: Path, k: int, zero_tail: bool = False) -> float:
     """Copy ``src``'s video packets into ``dst`` (same container type), packet ``k`` (decode order) replaced by
-    random bytes of its size: a bit error the decoder reports."""
+    random bytes of its size: a bit error the decoder reports; with ``zero_tail`` its second half zeroed instead
+    (the headers intact: bytes lost on disk, which H.264's decoder conceals without an error). Returns the
+    damaged packet's presentation time in seconds."""
     with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
         stream = inp.streams.video[0]
         copy = out.add_stream_from_template(stream)
         for i, packet in enumerate(p for p in inp.demux(stream) if p.size):
             if i == k:
-                noise = av.Packet(np.random.default_rng(0).integers(0, 256, packet.size, np.uint8).tobytes())
+                data = bytes(packet)
+                when = float(packet.pts * packet.time_base)
+                if zero_tail:
+                    bad = data[: len(data) // 2] + bytes(len(data) - len(data) // 2)
+                else:
+                    bad = np.random.default_rng(0).integers(0, 256, packet.size, np.uint8).tobytes()
+                noise = av.Packet(bad)
                 noise.pts, noise.dts, noise.time_base = packet.pts, packet.dts, packet.time_base
                 noise.is_keyframe = packet.is_keyframe
                 packet = noise
             packet.stream = copy
             out.mux(packet)
+    return when
 
 
 def test_a_damaged_frame_mid_video_is_refused_naming_it_or_skipped_with_allow_partial(tmp_path, clips, caplog):
@@ -535,6 +564,33 @@ def test_a_damaged_frame_mid_video_is_refused_naming_it_or_skipped_with_allow_pa
     assert any("frame 5" in r.getMessage() for r in caplog.records)
     # a selection that ends before the damage never reaches it: no error
     assert len(load_frames(path, max_frames=5)[0]) == 5
+
+
+def test_damage_the_decoder_conceals_is_refused_naming_the_frame_or_kept_with_allow_partial(tmp_path, clips, caplog):
+    # H.264 decodes zeroed slice data without raising, painting a guess over the damage (smeared blocks, carried
+    # into every later frame that refers to it); only FFmpeg's log says so
+    path = tmp_path / "zeroed.mp4"
+    # packet 3 is the P-frame shown as frame 3 (x264's B-frames make decode order differ from display order; no
+    # frame shown before it refers to it)
+    when = damage_packet(clips["mp4"], path, 3, zero_tail=True)
+    frame = round(when * 10)  # the clip's 10 fps from t = 0
+    assert frame == 3
+    with pytest.raises(InputError) as exc:
+        list(read_frames(path))
+    assert_one_line_naming(exc, path)
+    assert f"damaged at frame {frame} ({'about'} {when:.2f} s)" in str(exc.value)
+    assert "error while decoding" in str(exc.value)  # FFmpeg's own words
+    assert av.logging.get_level() is None  # PyAV's logging is as it was: off, FFmpeg's messages unprinted
+    with caplog.at_level(logging.WARNING, logger="tokenflow.io"):
+        frames, _ = load_frames(path, allow_partial=True)
+    assert len(frames) == N  # every frame decodes, the damaged ones as the decoder concealed them
+    good, _ = load_frames(clips["mp4"])
+    assert not np.array_equal(frames[frame], good[frame])
+    np.testing.assert_array_equal(frames[:frame], good[:frame])  # the frames before are untouched
+    assert any(f"frame {frame}" in r.getMessage() for r in caplog.records)
+    # a selection that ends before the damage never reaches it (frame 0 here: frames 1 and 2 come out of the decoder
+    # only after packet 3, B-frames being sent after the frames they refer to)
+    assert len(load_frames(path, max_frames=1)[0]) == 1
 
 
 def test_unreadable_image_in_a_folder_is_refused_or_skipped(tmp_path, clips, caplog):

@@ -77,16 +77,25 @@ def _prepare(
     """
     timings = {}
     info = video_io.probe(options.video)  # a bad input fails here, before the model loads
-    if space is not None:  # (folder, option): too little room for the staged frames fails here too
-        need = video_io.staged_bytes(info, options.start, options.stride, options.max_frames, options.size,
-                                     copies=2 if with_controlnet else 1)
-        video_io.check_free_space(space[0], need, space[1])
+    copies = 2 if with_controlnet else 1
+
+    def check_space(frame_size=None):  # space: (folder, option)
+        if space is not None:
+            need = video_io.staged_bytes(info, options.start, options.stride, options.max_frames, options.size,
+                                         copies=copies, frame_size=frame_size)
+            video_io.check_free_space(space[0], need, space[1])
+
+    if options.size is not None:  # the working size is known: too little room fails before the model loads too
+        check_space()
+    if not options.allow_partial:  # a cut-off file fails here, before the model loads
+        video_io.check_packets(options.video, options.start, options.stride, options.max_frames)
     frames_in = video_io.read_frames(options.video, options.start, options.stride, options.max_frames,
                                      allow_partial=options.allow_partial)
     started = time.perf_counter()
     editor = load_editor(options, editor, with_controlnet)
     timings["load_model"] = time.perf_counter() - started
     width, height = working_size(options, editor.model, info)
+    check_space((width, height))  # at the model's own size (SDXL: 1024), before a frame is staged
     started = time.perf_counter()
     resized = (video_io.resize_frames(frame, width, height) for frame in frames_in)
     frames = FrameStore.write(workdir() / "frames.rgb", resized, source=str(options.video))

@@ -22,7 +22,7 @@ from .disktensor import DiskTensor
 from .framestore import FrameStore
 from .preview import contact_sheet, side_by_side
 from .probe import ALPHA_BACKGROUND, DEFAULT_FOLDER_FPS, IMAGE_EXTENSIONS, VideoInfo, probe
-from .read import FrameReader, frame_spans, load_frames, read_frames
+from .read import FrameReader, check_packets, frame_spans, load_frames, read_frames
 from .size import resize_frames, working_size
 from .space import check_free_space, check_writable, is_out_of_space, out_of_space_error, staged_bytes
 from .write import VFR_TIME_BASE, VideoWriter, write_video
@@ -38,6 +38,7 @@ __all__ = [
     "VideoInfo",
     "VideoWriter",
     "check_free_space",
+    "check_packets",
     "check_writable",
     "contact_sheet",
     "frame_spans",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import av
+import av.logging
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -194,6 +197,42 @@ class PacketLog:
         return Damage(sum(1 for t in frame_times if t is not None and t < lost[0]), lost[0], what)
 
 
+_error_log_lock = threading.Lock()
+_error_log_users = 0
+_error_log_level_before: int | None = None
+
+
+@contextlib.contextmanager
+def _ffmpeg_errors() -> Iterator[Callable[[], tuple[int, str, str]]]:
+    """A function giving (how many error messages FFmpeg has logged, the last one's source and text), counted from any thread
+    (a decoder's workers log from theirs) while the context lasts. H.264 and others conceal damaged slices and say
+    so only there ("error while decoding MB ..."), the way ``ffmpeg -v error -i FILE -f null -`` checks a file.
+
+    PyAV counts FFmpeg's errors once its log callback is installed; its default level (None) installs none. Level
+    PANIC installs it and still passes nothing on to :mod:`logging` (FFmpeg's messages are not the user's: the
+    damage is reported in our own words); the level is put back when the last reader is done (readers nest: a
+    generator may be finalised while another reads). Two reads at once in one process share the count."""
+    global _error_log_users, _error_log_level_before
+    with _error_log_lock:
+        if _error_log_users == 0:
+            _error_log_level_before = av.logging.get_level()
+            if _error_log_level_before is None:
+                av.logging.set_level(av.logging.PANIC)
+        _error_log_users += 1
+
+    def errors() -> tuple[int, str, str]:
+        count, last = av.logging.get_last_error()
+        return (count, "", "") if last is None else (count, last[1], _one_line(last[2]))
+
+    try:
+        yield errors
+    finally:
+        with _error_log_lock:
+            _error_log_users -= 1
+            if _error_log_users == 0 and _error_log_level_before is None:
+                av.logging.set_level(None)
+
+
 def _decode_video(
     container: av.container.InputContainer, stream: av.video.stream.VideoStream, problems: list[Damage],
     log_packets: PacketLog | None = None,
@@ -201,9 +240,15 @@ def _decode_video(
     """Decode a video stream packet by packet, skipping packets the decoder rejects.
 
     A truncated or damaged file then still yields every frame that decodes; what went
-    wrong is appended to ``problems`` (the caller decides whether to warn or fail).
-    ``log_packets`` records the packets demuxed.
+    wrong is appended to ``problems`` (the caller decides whether to warn or fail): a packet the demuxer or
+    decoder refuses, an error FFmpeg logs while decoding (damage it concealed). ``log_packets`` records the packets demuxed.
     """
+    with _ffmpeg_errors() as errors:
+        yield from _decode_packets(container, stream, problems, log_packets, errors)
+
+
+def _decode_packets(container, stream, problems: list[Damage], log_packets: PacketLog | None, errors):
+    seen = errors()[0]
     decode = _alpha_decoder(stream) or stream.decode
     packets = container.demux(stream)
     count = 0
@@ -226,6 +271,14 @@ def _decode_video(
             when = _packet_time(packet)
             problems.append(Damage(count, last_time if when is None else when, _ffmpeg_reason(exc)))
             frames = []
+        logged, source, last_message = errors()
+        if logged > seen and not problems and source != container.format.name:
+            # decoded with damage concealed; on one decoding thread the error is logged while its packet decodes
+            # (frame threading may log it later, between calls: the caller decodes again on one thread then).
+            # The demuxer's own messages (a file that ends early) are left to the checks of the packets read.
+            when = _packet_time(packet)
+            problems.append(Damage(count, last_time if when is None else when, f"FFmpeg: {last_message}"))
+        seen = logged
         for frame in frames:
             count += 1
             last_time = frame.time

@@ -27,6 +27,7 @@ from .probe import (
     PacketLog,
     _rotation_of,
     _stream_fps,
+    _one_line,
     _undecodable,
     probe,
 )
@@ -255,13 +256,71 @@ def _iter_container(
         at, reason = _after(total, last), f"the stream lasts {end:.2f} s by its header"
     if at is not None:
         if not allow_partial:
-            raise InputError(
-                f"{path}: truncated or damaged {at}: {reason}; re-export or repair the file, or pass "
-                "`allow_partial` to use the frames that decode"
-            )
+            raise _damaged(path, at, reason)
         log.warning("%s: truncated or damaged %s (%s); using the %d frames that decode", path, at, reason, total)
     if yielded == 0:
         raise _past_end(path, start, total)
+
+
+def _damaged(path: Path, at: str, reason: str) -> InputError:
+    return InputError(
+        f"{path}: truncated or damaged {at}: {reason}; re-export or repair the file, or pass "
+        "`allow_partial` to use the frames that decode"
+    )
+
+
+def check_packets(path: str | Path, start: int = 0, stride: int = 1, max_frames: int | None = None) -> None:
+    """Refuse a truncated video before any frame is decoded (and before a model loads): one demuxing pass, no
+    decoding, over what the selection needs. It finds what the container shows: the demuxer giving up (cut mid-file),
+    an mp4 whose sample table lists more frames than the file holds, a Matroska/WebM stream that ends before its
+    ``DURATION``. Damage inside a frame's data is found by :func:`read_frames` as it decodes. Raises the same
+    :class:`InputError` as :func:`read_frames`; a folder of images, or anything that cannot be opened, is left to
+    it."""
+    path = Path(path)
+    if path.is_dir() or not path.exists():
+        return
+    try:
+        container = _open_input(path)
+    except InputError:
+        return  # read_frames says why
+    times: list[float] = []  # of the packets meant to be shown
+    count, stop, last_duration = 0, None, 0.0
+    try:
+        if not container.streams.video:
+            return  # read_frames says so
+        stream = container.streams.video[0]
+        expected = int(stream.frames) if stream.frames and _sample_table(container) else None
+        fps = _stream_fps(stream)
+        try:
+            for packet in container.demux(stream):
+                if packet.size:
+                    count += 1
+                    if not packet.is_discard and packet.pts is not None and packet.time_base is not None:
+                        times.append(float(packet.pts * packet.time_base))
+                        if packet.duration:
+                            last_duration = float(packet.duration * packet.time_base)
+        except av.FFmpegError as exc:
+            stop = _one_line(getattr(exc, "strerror", None) or exc)
+        end = _tagged_end(stream)
+    finally:
+        container.close()
+    if not times:
+        return  # nothing to place the damage by: read_frames says what it finds
+    times.sort()  # display order
+    origin = (float(stream.start_time * stream.time_base)
+              if stream.start_time is not None and stream.time_base is not None else times[0])
+    last = times[-1] - origin
+    if stop is not None:
+        reason = stop
+    elif expected is not None and count < expected:
+        reason = f"the header lists {expected} frames, the file holds {count}"
+    elif end is not None and last + 2 * max(last_duration, 1 / fps) < end:
+        reason = f"the stream lasts {end:.2f} s by its header"
+    else:
+        return
+    if max_frames is not None and len(times) > start + stride * (max_frames - 1) + 1:
+        return  # the selection ends before the damage (its last frame and one more are whole)
+    raise _damaged(path, _after(len(times), last), reason)
 
 
 def read_frames(

@@ -51,19 +51,23 @@ def check_writable(folder: Path, option: str, target: Path | None = None, create
 
 
 def staged_bytes(info: VideoInfo, start: int, stride: int, max_frames: int | None, size: int | None,
-                 copies: int = 1) -> int:
+                 copies: int = 1, frame_size: tuple[int, int] | None = None) -> int:
     """About how many bytes a run stages: ``copies`` uint8 RGB copies of the selected frames at the working size
-    (``size``, else 512: SD's; an SDXL run at 1024 stages four times as much), plus :data:`MARGIN_BYTES`. A video
-    that does not state its frame count counts as its ``max_frames`` frames, else one."""
+    (``frame_size`` (width, height) when known, else the short side ``size``, else 512: SD's), plus
+    :data:`MARGIN_BYTES`. A video that does not state its frame count counts as its ``max_frames`` frames, else
+    one."""
     if info.num_frames:
         count = len(range(start, info.num_frames, max(1, stride)))
         count = min(count, max_frames) if max_frames else count
     else:
         count = max_frames or 1
-    try:
-        width, height = working_size(info.width, info.height, size or 512)
-    except InputError:  # a bad `size` is reported by the run itself
-        return MARGIN_BYTES
+    if frame_size is not None:
+        width, height = frame_size
+    else:
+        try:
+            width, height = working_size(info.width, info.height, size or 512)
+        except InputError:  # a bad `size` is reported by the run itself
+            return MARGIN_BYTES
     return copies * count * width * height * 3 + MARGIN_BYTES
 
 
