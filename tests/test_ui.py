@@ -270,6 +270,17 @@ def test_gradio_client_edit_endpoint(served, clip, monkeypatch, tmp_path):
         client.predict(prompt="a car", model="/no/such/model", **kwargs)
     assert "no/such" not in app.model_id  # a failed load keeps the loaded model
 
+    # a cut file (lossless FFV1: its first frames decode whole) is refused, naming the page's switch; with the
+    # switch on, the frames that decode are edited
+    whole, cut = tmp_path / "whole.mkv", tmp_path / "cut.mkv"
+    make_pan_clip(whole, num_frames=FRAMES, width=WIDTH, height=HEIGHT, shift=4, fps=12, audio=False)
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    cut_video = handle_file(str(cut)) if int(gradio.__version__.split(".")[0]) >= 6 else {"video": handle_file(str(cut))}
+    with pytest.raises(AppError, match="cut.mkv: truncated or damaged after frame .*“Use the frames that decode”"):
+        client.predict(prompt="a car", **dict(kwargs, video=cut_video))
+    partial = client.predict(prompt="a car", allow_partial=True, **dict(kwargs, video=cut_video))
+    assert 1 <= partial[6]["output"]["frames"] < FRAMES and partial[6]["parameters"]["allow_partial"] is True
+
     # another model named in the request replaces the loaded one (here the same folder through a link)
     original = app.model_id
     link = tmp_path / "other-model"

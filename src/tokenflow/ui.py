@@ -78,7 +78,7 @@ FIELD_LABELS = {
     "keyframe_window": "Keyframe window",
     "keyframe_batch": "Keyframe batch",
     "anchors": "Anchors",
-    "allow_partial": "--allow-partial (command line only)",
+    "allow_partial": "“Use the frames that decode”",
     "propagation_t": "--propagation-t (command line only)",
     "controlnet": "ControlNet",
     "control": "Control maps",
@@ -547,6 +547,9 @@ def build_ui(app: EditorApp):
                     stride = gr.Number(1, label="Stride", precision=0, minimum=1, elem_id="tf-stride")
                     max_frames = gr.Number(None, label="Max frames (0: all)", precision=0, minimum=0,
                                            elem_id="tf-max-frames")
+                allow_partial = gr.Checkbox(defaults.allow_partial, label="Use the frames that decode",
+                                            info="a truncated or damaged file: edit what decodes, skip the rest",
+                                            elem_id="tf-allow-partial")
                 first_frame = gr.Image(label="First selected frame", interactive=False, height=180,
                                        elem_id="tf-first-frame")
                 info = gr.Markdown("Upload a video.", elem_id="tf-info", elem_classes="tf-info")
@@ -685,6 +688,7 @@ def build_ui(app: EditorApp):
             start: int = defaults.start,
             stride: int = defaults.stride,
             max_frames: int | None = defaults.max_frames,
+            allow_partial: bool = defaults.allow_partial,
             evaluate: bool = defaults.evaluate,
             baseline: bool = False,
             pnp_attn_t: float = defaults.pnp_attn_t,
@@ -719,7 +723,7 @@ def build_ui(app: EditorApp):
                     inversion_prompt=inversion_prompt or "", mode=mode, size=_unset(size, int),
                     inversion_steps=_unset(inversion_steps, int),  # empty: the scheme's default
                     propagation=propagation, strength=_unset(strength, float), max_frames=_unset(max_frames, int),
-                    evaluate=bool(evaluate), blending=blending, keyframes=keyframes,
+                    allow_partial=bool(allow_partial), evaluate=bool(evaluate), blending=blending, keyframes=keyframes,
                     keyframe_window=str(keyframe_window or "auto").strip(),
                     controlnet=(controlnet or "").strip() or None,
                     control=control, depth_model=(depth_model or "").strip() or None, model=model,
@@ -748,9 +752,9 @@ def build_ui(app: EditorApp):
 
         outputs = [edited, side, other, preview, files, metrics, report, status]
         edit_inputs = [video, prompt, negative_prompt, inversion_prompt, mode, steps, inversion_steps, guidance_scale,
-                       batch_size, size, propagation, strength, seed, start, stride, max_frames, evaluate, baseline,
-                       pnp_attn_t, pnp_f_t, blending, keyframes, keyframe_window, anchors, controlnet, control,
-                       controlnet_scale, canny_low, canny_high, depth_model, model]
+                       batch_size, size, propagation, strength, seed, start, stride, max_frames, allow_partial, evaluate,
+                       baseline, pnp_attn_t, pnp_f_t, blending, keyframes, keyframe_window, anchors, controlnet,
+                       control, controlnet_scale, canny_low, canny_high, depth_model, model]
         running = run.click(edit, inputs=edit_inputs, outputs=outputs, api_name="edit", concurrency_id="device",
                             concurrency_limit=1, show_progress_on=[edited])
         running.success(lambda: (app.gallery(), app.model_status(), app.model_id), outputs=[gallery, model_line, model],
