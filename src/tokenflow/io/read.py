@@ -27,7 +27,7 @@ from .probe import (
     PacketLog,
     _rotation_of,
     _stream_fps,
-    _one_line,
+    _ffmpeg_reason,
     _undecodable,
     probe,
 )
@@ -250,16 +250,25 @@ def _iter_container(
             frame = sum(1 for t in times if t is not None and t < damage.time - 1e-9)
         at = f"at frame {frame}" + ("" if damage.time is None else f" (about {damage.time:.2f} s)")
         reason = damage.reason
-    elif expected is not None and packets.count < expected:  # the data ends before the sample table does
-        at, reason = _after(total, last), f"the header lists {expected} frames, the file holds {packets.count}"
-    elif end is not None and last is not None and last + 2 * max(last_duration, 1 / fps) < end:
-        at, reason = _after(total, last), f"the stream lasts {end:.2f} s by its header"
+    elif (reason := _cut_short(expected, packets.count, end, last, last_duration, fps)) is not None:
+        at = _after(total, last)
     if at is not None:
         if not allow_partial:
             raise _damaged(path, at, reason)
         log.warning("%s: truncated or damaged %s (%s); using the %d frames that decode", path, at, reason, total)
     if yielded == 0:
         raise _past_end(path, start, total)
+
+
+def _cut_short(expected: int | None, count: int, end: float | None, last: float | None, last_duration: float,
+               fps: float) -> str | None:
+    """Why a stream that decoded (or demuxed) ``count`` packets up to ``last`` seconds ends early, by its header:
+    an mp4's sample table (``expected`` packets) or a Matroska ``DURATION`` (``end``); None when it does not."""
+    if expected is not None and count < expected:  # the data ends before the sample table does
+        return f"the header lists {expected} frames, the file holds {count}"
+    if end is not None and last is not None and last + 2 * max(last_duration, 1 / fps) < end:
+        return f"the stream lasts {end:.2f} s by its header"
+    return None
 
 
 def _damaged(path: Path, at: str, reason: str) -> InputError:
@@ -300,7 +309,7 @@ def check_packets(path: str | Path, start: int = 0, stride: int = 1, max_frames:
                         if packet.duration:
                             last_duration = float(packet.duration * packet.time_base)
         except av.FFmpegError as exc:
-            stop = _one_line(getattr(exc, "strerror", None) or exc)
+            stop = _ffmpeg_reason(exc)
         end = _tagged_end(stream)
     finally:
         container.close()
@@ -310,13 +319,8 @@ def check_packets(path: str | Path, start: int = 0, stride: int = 1, max_frames:
     origin = (float(stream.start_time * stream.time_base)
               if stream.start_time is not None and stream.time_base is not None else times[0])
     last = times[-1] - origin
-    if stop is not None:
-        reason = stop
-    elif expected is not None and count < expected:
-        reason = f"the header lists {expected} frames, the file holds {count}"
-    elif end is not None and last + 2 * max(last_duration, 1 / fps) < end:
-        reason = f"the stream lasts {end:.2f} s by its header"
-    else:
+    reason = stop if stop is not None else _cut_short(expected, count, end, last, last_duration, fps)
+    if reason is None:
         return
     if max_frames is not None and len(times) > start + stride * (max_frames - 1) + 1:
         return  # the selection ends before the damage (its last frame and one more are whole)
