@@ -493,9 +493,14 @@ def test_an_output_location_that_cannot_be_written_is_refused_before_the_model_l
     assert blocker.read_text() == "a file, not a folder"
 
 
-def test_free_space_is_checked_at_the_models_own_size(env, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("command, extra, latents", [("edit", [], 3), ("edit", ["--save-latents"], 3 + 2 + 3),
+                                                     ("invert", [], 2 + 1)])
+def test_free_space_is_checked_at_the_models_own_size(env, tmp_path, capsys, monkeypatch, command, extra, latents):
     # without --size the model's trained size decides what is staged (SDXL: 1024, four times SD's 512): a copy of
-    # the tiny model trained "at 2048 px" stages the clip's 10 frames at 3072x2048 RGB, about 189 MB, not 512 px's 12 MB
+    # the tiny model trained "at 2048 px" stages the clip's 10 frames at 3072x2048 RGB, about 189 MB, not 512 px's
+    # 12 MB; beside them the editing loop keeps three float32 latents a frame (start, current, next: 4x384x256 at
+    # the VAE's factor 8), and --save-latents every editing timestep's, the clean and the final ones besides;
+    # `invert` stages the frames in the cache, beside the entry's clean latents and one a frame per editing timestep
     import shutil
     from collections import namedtuple
 
@@ -512,14 +517,44 @@ def test_free_space_is_checked_at_the_models_own_size(env, tmp_path, capsys, mon
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(space.shutil, "disk_usage", lambda path: usage(2**34, 2**34 - 100 * 2**20, 100 * 2**20))
     out = tmp_path / "out"
-    argv = ["edit", str(env.clip), "--prompt", "a robot", "--model", str(big), "--out", str(out),
-            "--cache-dir", str(tmp_path / "cache"), "--steps", "2", "--inversion-steps", "2"]
+    argv = [command, str(env.clip), "--model", str(big), "--cache-dir", str(tmp_path / "cache"), "--steps", "2",
+            "--inversion-steps", "2", *extra]
+    argv += ["--prompt", "a robot", "--out", str(out)] if command == "edit" else []
     capsys.readouterr()
     rc = main(argv)
     err = capsys.readouterr().err.strip()
-    need = (10 * 3072 * 2048 * 3 + space.MARGIN_BYTES) / 2**20
-    assert rc == 2 and f"100 MB free, the run needs about {need:.0f} MB" in err and "--out" in err, err
+    need = (10 * (3072 * 2048 * 3 + latents * 4 * 384 * 256 * 4) + space.MARGIN_BYTES) / 2**20
+    flag = "--out" if command == "edit" else "--cache-dir"
+    assert rc == 2 and f"100 MB free, the run needs about {need:.0f} MB" in err and flag in err, err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_cache_folder_without_room_for_the_inverted_latents_is_refused_before_the_inversion(
+    env, tmp_path, capsys, monkeypatch
+):
+    # `edit` stages the frames beside the output, the inversion's shards go to the cache: the output's filesystem
+    # has room, the cache's has less than its entry's 1 MB of headroom (10 frames x (the clean latents + one per
+    # editing timestep) x 4x8x12 float32 is tiny)
+    from collections import namedtuple
+
+    import tokenflow.io.space as space
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    usage = namedtuple("usage", "total used free")
+    real = space.shutil.disk_usage
+    monkeypatch.setattr(space.shutil, "disk_usage",
+                        lambda path: usage(2**30, 2**30 - 2**19, 2**19) if Path(path) == cache else real(path))
+    out = tmp_path / "out"
+    argv = ["edit", str(env.clip), "--model", str(env.model), "--cache-dir", str(cache), *SMALL,
+            "--prompt", "a robot", "--out", str(out)]
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(cache) in err and "0 MB free, the run needs about 1 MB" in err and "--cache-dir" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # no partial entry, no frames
 
 
 @pytest.mark.parametrize("command, flag", [("edit", "--out"), ("invert", "--cache-dir")])

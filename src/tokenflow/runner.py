@@ -67,22 +67,28 @@ def _default_out(options: RunOptions, kind: str = "") -> Path:
 
 def _prepare(
     options: RunOptions, editor: TokenFlowEditor | None, workdir: Callable[[], Path], with_controlnet: bool = False,
-    space: tuple[Path, str] | None = None,
+    space: tuple[Path, str] | None = None, latents_per_frame: int = 0,
 ):
     """Load the model, then stream the selected frames, resized to the working size, into the folder ``workdir()``
     returns (asked for only then, so nothing is created when the input or the model is refused).
 
-    Returns the editor, the frames (a :class:`FrameStore`: on disk, read a batch at a time), the source's
-    :class:`VideoInfo` and the timings.
+    ``space`` (folder, option): where the frames go, checked for room for them and ``latents_per_frame`` float32
+    latents a frame besides. Returns the editor, the frames (a :class:`FrameStore`: on disk, read a batch at a
+    time), the source's :class:`VideoInfo` and the timings.
     """
     timings = {}
     info = video_io.probe(options.video)  # a bad input fails here, before the model loads
     copies = 2 if with_controlnet else 1
 
-    def check_space(frame_size=None):  # space: (folder, option)
+    def check_space(frame_size=None):
         if space is not None:
+            extra = 0
+            if frame_size is not None:  # the latents' size is known once the model is
+                factor = editor.model.vae_scale_factor
+                extra = latents_per_frame * editor.model.latent_channels * (frame_size[0] // factor) * (
+                    frame_size[1] // factor) * 4
             need = video_io.staged_bytes(info, options.start, options.stride, options.max_frames, options.size,
-                                         copies=copies, frame_size=frame_size)
+                                         copies=copies, frame_size=frame_size, extra_per_frame=extra)
             video_io.check_free_space(space[0], need, space[1])
 
     if options.size is not None:  # the working size is known: too little room fails before the model loads too
@@ -186,7 +192,9 @@ def invert_video(
         return staged[-1]
 
     try:
-        editor, frames, _, timings = _prepare(options, editor, workdir, space=(root, "cache_dir"))
+        # the cache entry's shards go beside the staged frames: the clean latents and one per editing timestep
+        editor, frames, _, timings = _prepare(options, editor, workdir, space=(root, "cache_dir"),
+                                              latents_per_frame=options.steps + 1)
         try:
             source, hit = _invert(editor, frames, options, timings, progress, cancel)
         finally:
@@ -239,7 +247,11 @@ def edit_video(
         try:
             editor, frames, info, timings = _prepare(options, editor, lambda: work,
                                                      with_controlnet=options.mode == "controlnet",
-                                                     space=(out_dir.parent, "out"))
+                                                     space=(out_dir.parent, "out"),
+                                                     # the loop's start, current and next latents; --save-latents
+                                                     # writes every editing timestep's, the clean and final ones
+                                                     latents_per_frame=3 + (options.steps + 3
+                                                                            if options.save_latents else 0))
             stores.append(frames)
             check_cancelled(cancel)  # loading and staging take a while: a cancel meanwhile stops here
             control = None

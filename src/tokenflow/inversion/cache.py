@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 
 from ..correspondence import consecutive_runs
+from ..errors import InputError
+from ..io.space import check_free_space
 from ..events import CancelToken, ProgressCallback, Tracker, as_progress
 from ..backbones import Backbone, TextConditioning
 from .check import _log_psnr, _psnr_from_error, _reconstruction_error, check_sample
@@ -26,6 +29,9 @@ from .storage import (INDEX, CorruptLatents, LatentStore, Shard, finish_store, p
 logger = logging.getLogger("tokenflow.inversion")
 
 __all__ = ["InversionCache"]
+
+#: The entry's index, info and reconstruction record, with room to spare.
+_MARGIN_BYTES = 2**20
 
 
 def _uncovered(start: int, stop: int, done: list[list[int]]) -> list[tuple[int, int]]:
@@ -209,6 +215,7 @@ class InversionCache:
             logger.info("inversion: resuming %s, %d of %d frames already inverted", partial.folder,
                         sum(z - a for a, z in done), n)
         todo = _todo(n, batch_size, done)
+        partial.check_space(sum(z - a for a, z in todo), max((z - a for a, z in todo), default=0), self.root)
         initial = (n - sum(z - a for a, z in todo)) * len(grid)
         checkpoint = partial.checkpoint
         if checkpoint is not None and checkpoint[:2] in [list(span) for span in todo]:
@@ -354,6 +361,20 @@ class _PartialEntry:
             self.reconstructed = json.loads((self.folder / self.RECONSTRUCTION).read_text())
         except (OSError, ValueError):
             self.reconstructed = []
+
+    def check_space(self, frames: int, batch: int, root: Path) -> None:
+        """Before inverting ``frames`` more frames: :class:`~tokenflow.errors.InputError` naming `cache_dir` when
+        ``root``'s filesystem cannot take their shards (float32 latents at every saved timestep, the clean ones
+        too) plus one batch's checkpoint and the entry's small files."""
+        if not frames:
+            return
+        per_frame = len(self.names) * math.prod(self._shape) * 4
+        try:
+            check_free_space(root, (frames + batch) * per_frame + _MARGIN_BYTES, "cache_dir")
+        except InputError:
+            if not self.done and self.checkpoint is None:
+                shutil.rmtree(self.folder, ignore_errors=True)  # nothing of this entry is kept
+            raise
 
     def write_checkpoint(self, a: int, z: int, t: int, kept: dict[str, torch.Tensor]) -> None:
         write_shard(self.folder, a, z, kept, info={"checkpoint": [a, z, t]}, name=self.CHECKPOINT)

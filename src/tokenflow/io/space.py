@@ -51,11 +51,11 @@ def check_writable(folder: Path, option: str, target: Path | None = None, create
 
 
 def staged_bytes(info: VideoInfo, start: int, stride: int, max_frames: int | None, size: int | None,
-                 copies: int = 1, frame_size: tuple[int, int] | None = None) -> int:
+                 copies: int = 1, frame_size: tuple[int, int] | None = None, extra_per_frame: int = 0) -> int:
     """About how many bytes a run stages: ``copies`` uint8 RGB copies of the selected frames at the working size
-    (``frame_size`` (width, height) when known, else the short side ``size``, else 512: SD's), plus
-    :data:`MARGIN_BYTES`. A video that does not state its frame count counts as its ``max_frames`` frames, else
-    one."""
+    (``frame_size`` (width, height) when known, else the short side ``size``, else 512: SD's) and
+    ``extra_per_frame`` bytes a frame (its latents on disk), plus :data:`MARGIN_BYTES`. A video that does not state
+    its frame count counts as its ``max_frames`` frames, else one."""
     if info.num_frames:
         count = len(range(start, info.num_frames, max(1, stride)))
         count = min(count, max_frames) if max_frames else count
@@ -67,8 +67,8 @@ def staged_bytes(info: VideoInfo, start: int, stride: int, max_frames: int | Non
         try:
             width, height = working_size(info.width, info.height, size or 512)
         except InputError:  # a bad `size` is reported by the run itself
-            return MARGIN_BYTES
-    return copies * count * width * height * 3 + MARGIN_BYTES
+            return count * extra_per_frame + MARGIN_BYTES
+    return count * (copies * width * height * 3 + extra_per_frame) + MARGIN_BYTES
 
 
 def check_free_space(folder: Path, need: int, option: str) -> None:
