@@ -198,8 +198,6 @@ class PacketLog:
 
 
 _error_log_lock = threading.Lock()
-_error_log_users = 0
-_error_log_level_before: int | None = None
 
 
 @contextlib.contextmanager
@@ -210,27 +208,18 @@ def _ffmpeg_errors() -> Iterator[Callable[[], tuple[int, str, str]]]:
 
     PyAV counts FFmpeg's errors once its log callback is installed; its default level (None) installs none. Level
     PANIC installs it and still passes nothing on to :mod:`logging` (FFmpeg's messages are not the user's: the
-    damage is reported in our own words); the level is put back when the last reader is done (readers nest: a
-    generator may be finalised while another reads). Two reads at once in one process share the count."""
-    global _error_log_users, _error_log_level_before
+    damage is reported in our own words). It stays installed: putting None back races with a decoder's worker
+    thread that is still logging (PyAV's callback then compares the level with None and prints a traceback).
+    A level the user set is left as it is."""
     with _error_log_lock:
-        if _error_log_users == 0:
-            _error_log_level_before = av.logging.get_level()
-            if _error_log_level_before is None:
-                av.logging.set_level(av.logging.PANIC)
-        _error_log_users += 1
+        if av.logging.get_level() is None:
+            av.logging.set_level(av.logging.PANIC)
 
     def errors() -> tuple[int, str, str]:
         count, last = av.logging.get_last_error()
         return (count, "", "") if last is None else (count, last[1], _one_line(last[2]))
 
-    try:
-        yield errors
-    finally:
-        with _error_log_lock:
-            _error_log_users -= 1
-            if _error_log_users == 0 and _error_log_level_before is None:
-                av.logging.set_level(None)
+    yield errors
 
 
 def _decode_video(
