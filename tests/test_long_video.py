@@ -655,8 +655,9 @@ def _memory_worker(model_dir: str, num_frames: int, size: int, steps: int) -> di
             clip = root / f"clip-{n}.mp4"
             make_pan_clip(clip, num_frames=n, width=size, height=size, shift=1, fps=24, audio=True)
             return RunOptions(
+                # plain DDIM on the editing grid: the memory is the fixed-point scheme's, at half the UNet calls
                 video=clip, prompt="a robot", out=root / f"out-{n}", size=size, steps=steps, inversion_steps=steps,
-                batch_size=8, mode="sdedit", strength=2 / steps, keyframe_window="1", anchors=1, keyframe_batch="2",
+                inversion_refinements=0, batch_size=8, mode="sdedit", strength=2 / steps, keyframe_window="1", anchors=1, keyframe_batch="2",
                 cache_dir=root / "cache", quiet=True,
             )
 
