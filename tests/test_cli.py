@@ -144,6 +144,30 @@ def test_a_variable_frame_rate_clip_keeps_its_frame_times_and_audio_sync(env, tm
         assert stats["audio_seconds"] == pytest.approx(VFR_TIMES[9] - VFR_TIMES[1], abs=0.06), name
 
 
+@pytest.mark.parametrize("name, frames, width, height", [
+    ("odd size/clip.mkv", 3, 97, 171),  # odd on both sides, portrait (as 1081x1917 phone footage): FFV1 holds it
+    ("single frame/clip.mp4", 1, 144, 96),
+    ("vidéo ünï dir/my clip é.mp4", 3, 144, 96),  # spaces and non-ASCII characters in every path of the run
+])
+def test_unusual_inputs_edit_with_their_frame_count_and_orientation(env, tmp_path, name, frames, width, height):
+    from tokenflow.testing import make_pan_clip
+
+    clip = tmp_path / name
+    clip.parent.mkdir()
+    make_pan_clip(clip, num_frames=frames, width=width, height=height, shift=2)
+    out = clip.parent / "ëdited out"
+    rc = main(["edit", str(clip), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
+               "--cache-dir", str(clip.parent / "câche"), *SMALL, "--quiet"])
+    assert rc == 0
+    for video in ("edited.mp4", "source.mp4"):
+        stats = video_stats(out / video)
+        assert stats["frames"] == frames, video
+        # the short side at --size 64, the aspect kept up to the multiple of 8 the model needs
+        assert min(stats["width"], stats["height"]) == 64 and (stats["height"] > stats["width"]) == (height > width)
+        assert stats["width"] * height == pytest.approx(stats["height"] * width, rel=0.1), video
+    assert report(out)["parameters"]["video"] == str(clip)
+
+
 def test_run_json_records_the_run(first_run, env):
     run = report(first_run)
     params = run["parameters"]
