@@ -698,6 +698,18 @@ def test_help_exits_zero(capsys):
     assert "--prompt" in text and "--propagation" in text
 
 
+def test_help_and_usage_errors_do_not_import_the_model_libraries():
+    """`--help` and a mistyped option answer at once: diffusers/transformers (seconds to import) are imported, and
+    quieted, only when a command runs."""
+    code = ("import sys; from tokenflow.cli import main; codes = [main(['--help']), main(['edit', '--help']), "
+            "main(['edit', 'x.mp4', '--prompt', 'p', '--no-such-flag'])]; "
+            "print(codes, sorted(m for m in ('diffusers', 'transformers', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[0, 0, 2] []"
+    assert "no such option" in proc.stderr.lower()
+
+
 def test_installed_command_reports_errors_in_one_line(tmp_path):
     script = Path(sys.executable).with_name("tokenflow")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "tokenflow.cli"]

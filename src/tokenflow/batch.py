@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import InputError, TokenFlowError
+from .library_logs import quiet_model_libraries
 
 logger = logging.getLogger(__name__)
 
@@ -524,20 +525,6 @@ def _remove_if_empty(folder: Path) -> None:
 # ----------------------------------------------------------------------------- the worker (a Ray actor)
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - quieting libraries is best effort
-        pass
-
-
 class Worker:
     """Runs jobs one after another with one loaded model (reloaded only when a job needs another).
 
@@ -547,7 +534,7 @@ class Worker:
     def __init__(self, threads: int | None = None):
         import torch
 
-        _quiet_libraries()
+        quiet_model_libraries()
         if threads:
             torch.set_num_threads(threads)
         self._editor = None

@@ -18,6 +18,7 @@ _EXIT = (click.exceptions.Exit, typer.Exit)
 _ABORT = (click.exceptions.Abort, typer.Abort)
 
 from .errors import InputError, TokenFlowError
+from .library_logs import quiet_model_libraries
 
 logger = logging.getLogger("tokenflow")
 
@@ -81,6 +82,7 @@ def _command(name: str, doc: str, analysis: bool = False):
                                         annotation=Optional[Path]))
 
         def command(**kwargs):
+            quiet_model_libraries()
             run(_options(kwargs, cls))
 
         command.__name__, command.__doc__ = name, doc
@@ -149,6 +151,7 @@ def batch(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings only."),
 ):
     """Run many edits (videos x prompts) on Ray workers; re-runs skip finished ones. Exit 1 if any failed."""
+    quiet_model_libraries()
     from .batch import main as batch_main
 
     raise typer.Exit(batch_main(jobs, out, address=address, gpus_per_job=gpus_per_job, retries=retries,
@@ -170,6 +173,7 @@ def evaluate_command(
     config: Optional[Path] = typer.Option(None, help="YAML or TOML file with any of these options."),
 ):
     """Measure an edit: warp error (vs the source's own floor), PSNR/SSIM, CLIP scores."""
+    quiet_model_libraries()
     from .metrics import evaluate_files
 
     if source.is_dir() and edited is None:
@@ -200,6 +204,7 @@ def ui_command(
     cache_dir: Optional[Path] = typer.Option(None, help="Inversion cache folder (default: the user cache dir)."),
 ):
     """Serve the web UI (Gradio): upload, edit with live progress and cancel, compare, download."""
+    quiet_model_libraries()
     from .ui import launch
 
     launch(host=host, port=port, model=model, share=share, demo=demo, device=device, dtype=dtype, out=out,
@@ -258,19 +263,6 @@ def _default_map(command, argv: list[str]) -> dict | None:
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("tokenflow").setLevel(logging.WARNING if quiet else logging.INFO)
-    try:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        import huggingface_hub
-
-        huggingface_hub.utils.logging.set_verbosity_error()  # no per-retry lines for an unreachable hub
-    except Exception:  # noqa: BLE001 - quieting libraries is best effort
-        pass
 
 
 def _as_flags(message: str) -> str:
