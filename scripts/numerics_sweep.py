@@ -3,7 +3,9 @@ sensitive test (the ``record_difference`` fixture) into docs/numerics.md.
 
     python scripts/numerics_sweep.py                      # every variant x 1 and 2 threads, the whole suite
     python scripts/numerics_sweep.py -m numerics          # only the numerically sensitive tests
-    python scripts/numerics_sweep.py --table-only LOG     # re-tabulate an existing log
+    python scripts/numerics_sweep.py --threads 1 --jobs 2 # one-thread runs two at a time (a two-core machine)
+    python scripts/numerics_sweep.py --variants 3,5       # only some variants (--help lists them)
+    python scripts/numerics_sweep.py --table-only --log LOG   # re-tabulate an existing log
 
 Each variant makes the libraries pick other kernels, so other rounding: ``ATEN_CPU_CAPABILITY`` (torch's own
 vectorised kernels), ``MKL_CBWR`` (MKL's GEMM code path), ``ONEDNN_MAX_CPU_ISA`` (oneDNN's convolutions).
@@ -19,6 +21,7 @@ import platform
 import subprocess
 import sys
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,29 +45,43 @@ def _label(variant: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in variant.items()) or "(defaults)"
 
 
-def run(pytest_args: list[str], log_path: Path, threads: tuple[int, ...], full: bool) -> list[dict]:
+def _run_one(pytest_args: list[str], log_path: Path, variant: dict, n: int, full: bool) -> dict:
+    env = dict(os.environ, **variant, TOKENFLOW_TEST_THREADS=str(n), TOKENFLOW_NUMERICS_LOG=str(log_path))
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args]
+    if not full:
+        args += ["--deselect", SLOW]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    # each run's whole output beside the log, so a failure that does not reproduce can still be read
+    runs = log_path.with_suffix(".runs")
+    runs.mkdir(exist_ok=True)
+    name = "".join(c if c.isalnum() else "_" for c in _label(variant)).strip("_") or "defaults"
+    (runs / f"{name}-{n}thr.txt").write_text(proc.stdout + proc.stderr)
+    lines = proc.stdout.strip().splitlines()
+    last = (lines or ["(no output)"])[-1]
+    failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in lines if line.startswith("FAILED ")]
+    outcome = {"variant": _label(variant), "threads": n, "returncode": proc.returncode, "summary": last,
+               "failed": failed}
+    log.info("%-80s threads=%d  %s", _label(variant), n, last)
+    for test in failed:  # which ones, so a failure that does not reproduce is still known
+        log.info("    failed: %s", test)
+    with _outcomes_path(log_path).open("a") as f:  # kept, so --append and --table-only tabulate every run
+        f.write(json.dumps(outcome) + "\n")
+    return outcome
+
+
+def run(pytest_args: list[str], log_path: Path, threads: tuple[int, ...], full: bool, variants: list[dict],
+        jobs: int = 1) -> list[dict]:
+    """Every variant at one thread count before the next; ``jobs`` runs at once (only for one-thread runs: two
+    two-thread runs on a two-core machine would oversubscribe it)."""
     outcomes = []
-    for n in threads:  # every variant at one thread count before the next
-        for variant in VARIANTS:
-            env = dict(os.environ, **variant, TOKENFLOW_TEST_THREADS=str(n), TOKENFLOW_NUMERICS_LOG=str(log_path))
-            args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args]
-            if not full:
-                args += ["--deselect", SLOW]
-            proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
-            # each run's whole output beside the log, so a failure that does not reproduce can still be read
-            runs = log_path.with_suffix(".runs")
-            runs.mkdir(exist_ok=True)
-            name = "".join(c if c.isalnum() else "_" for c in _label(variant)).strip("_") or "defaults"
-            (runs / f"{name}-{n}thr.txt").write_text(proc.stdout + proc.stderr)
-            lines = proc.stdout.strip().splitlines()
-            last = (lines or ["(no output)"])[-1]
-            failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in lines if line.startswith("FAILED ")]
-            outcomes.append({"variant": _label(variant), "threads": n, "returncode": proc.returncode, "summary": last,
-                             "failed": failed})
-            log.info("%-80s threads=%d  %s", _label(variant), n, last)
-            for test in failed:  # which ones, so a failure that does not reproduce is still known
-                log.info("    failed: %s", test)
+    for n in threads:
+        with ThreadPoolExecutor(max_workers=jobs if n == 1 else 1) as pool:
+            outcomes += list(pool.map(lambda v: _run_one(pytest_args, log_path, v, n, full), variants))
     return outcomes
+
+
+def _outcomes_path(log_path: Path) -> Path:
+    return log_path.with_suffix(".outcomes.jsonl")
 
 
 def table(log_path: Path, outcomes: list[dict]) -> str:
@@ -114,13 +131,21 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "numerics.md")
     parser.add_argument("--table-only", action="store_true", help="tabulate --log without running anything")
     parser.add_argument("--append", action="store_true", help="add to --log instead of starting it anew")
+    parser.add_argument("--variants", help="comma-separated indices of the variants to run (default all): "
+                        + ", ".join(f"{i}: {_label(v)}" for i, v in enumerate(VARIANTS)))
+    parser.add_argument("--jobs", type=int, default=1, help="one-thread runs at once (e.g. 2 on a two-core machine)")
     args = parser.parse_args()
     outcomes = []
     if not args.table_only:
         if not args.append:
             args.log.unlink(missing_ok=True)
+            _outcomes_path(args.log).unlink(missing_ok=True)
         pytest_args = ["-m", args.marker] if args.marker else []
-        outcomes = run(pytest_args, args.log, tuple(int(t) for t in args.threads.split(",")), args.full)
+        variants = ([VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS)
+        outcomes = run(pytest_args, args.log, tuple(int(t) for t in args.threads.split(",")), args.full, variants,
+                       args.jobs)
+    if _outcomes_path(args.log).exists():  # every run of this log, earlier invocations (--append) included
+        outcomes = [json.loads(line) for line in _outcomes_path(args.log).read_text().splitlines()]
     args.out.write_text(table(args.log, outcomes))
     log.info("wrote %s", args.out)
     return 0 if all(o["returncode"] == 0 for o in outcomes) else 1
