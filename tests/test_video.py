@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -595,6 +597,29 @@ def test_damage_the_decoder_conceals_is_refused_naming_the_frame_or_kept_with_al
     # a selection that ends before the damage never reaches it (frame 0 here: frames 1 and 2 come out of the decoder
     # only after packet 3, B-frames being sent after the frames they refer to)
     assert len(load_frames(path, max_frames=1)[0]) == 1
+
+
+def test_reading_damaged_h264_over_and_over_never_deadlocks(tmp_path, pan_clip):
+    """Frame-threaded H.264 workers that meet damage log an error through PyAV's log callback (it needs the GIL)
+    while the reader frees the codec context (which waits for them holding the GIL). Found by the fuzz test: before
+    the fix, every one of these three damaged clips hung within 100 reads (a C-level deadlock: Ctrl-C and alarms
+    cannot end it), so the reads run in a child process with a time limit; 100 reads take about 2 s."""
+    data = pan_clip.read_bytes()
+    paths = []
+    for fraction in (0.3, 0.4, 0.5):  # 700 zeroed bytes inside the frame data
+        at = int(len(data) * fraction)
+        paths.append(tmp_path / f"zeroed-{at}.mp4")
+        paths[-1].write_bytes(data[:at] + bytes(700) + data[at + 700:])
+    code = ("import sys\nfrom tokenflow.errors import InputError\nfrom tokenflow.io import load_frames, probe\n"
+            "for path in sys.argv[1:]:\n    for _ in range(50):\n        for allow_partial in (False, True):\n"
+            "            try:\n                probe(path)\n                load_frames(path, allow_partial=allow_partial)\n"
+            "            except InputError:\n                pass\nprint('done')\n")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading damaged clips hung (decoder threads deadlocked with the GIL)")
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
 
 
 def test_unreadable_image_in_a_folder_is_refused_or_skipped(tmp_path, clips, caplog):

@@ -131,6 +131,22 @@ def _open_input(path: Path) -> av.container.InputContainer:
     return container
 
 
+def _close_input(container: av.container.InputContainer) -> None:
+    """Close a container whose video was being decoded.
+
+    A frame-threaded decoder's workers may still be decoding packets sent ahead, and one that meets damage logs an
+    error through PyAV's log callback, which needs the GIL (see :func:`_ffmpeg_errors`). Freeing the codec context
+    (on close or when the stream is dropped) waits for those workers while holding the GIL: a deadlock (the fuzz test
+    hung in about one damaged read in ten). Flushing first waits for them with the GIL released, so they are idle
+    when the context is freed."""
+    for stream in container.streams.video:
+        try:
+            stream.codec_context.flush_buffers()
+        except av.FFmpegError:  # nothing left to wait for
+            pass
+    container.close()
+
+
 @dataclass
 class Damage:
     """Where a video stops decoding cleanly: after ``frame`` good frames, about ``time`` seconds into the stream
@@ -359,4 +375,4 @@ def probe(path: str | Path) -> VideoInfo:
             rotation=rotation,
         )
     finally:
-        container.close()
+        _close_input(container)

@@ -22,6 +22,7 @@ from .probe import (
     _folder_images,
     _frame_rgb,
     _load_image,
+    _close_input,
     _open_input,
     Damage,
     PacketLog,
@@ -183,7 +184,7 @@ def _iter_container(
             if problems:
                 # Frame threading can lose the frames in flight around a damaged packet:
                 # decode again on one thread and pick up after the frames already handled.
-                container.close()
+                _close_input(container)
                 container = _open_input(path)
                 problems.clear()
             stream = container.streams.video[0]
@@ -236,7 +237,7 @@ def _iter_container(
                 break
         end = _tagged_end(stream)
     finally:
-        container.close()
+        _close_input(container)
 
     total = len(times)  # frames that decode, damaged or not
     if total == 0:
