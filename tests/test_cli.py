@@ -400,8 +400,12 @@ def bad_files(tmp_path_factory, pan_clip) -> dict[str, Path]:
     not_model = root / "not-a-model"
     not_model.mkdir()
     (not_model / "weights.txt").write_text("nothing here")
+    from tokenflow.testing import make_pan_clip
+
+    tiny = root / "tiny.mp4"  # 48x32: the tiny model's deepest level needs a short side of 64
+    make_pan_clip(tiny, num_frames=4, width=48, height=32, shift=2)
     return dict(missing=root / "missing.mp4", text=text, truncated=truncated, empty=empty, not_model=not_model,
-                cut_mkv=cut_mkv(root / "cut.mkv"), audio_only=_audio_only(pan_clip, root / "tone.m4a"))
+                cut_mkv=cut_mkv(root / "cut.mkv"), audio_only=_audio_only(pan_clip, root / "tone.m4a"), tiny=tiny)
 
 
 def cut_mkv(path: Path) -> Path:
@@ -427,6 +431,9 @@ BAD_INPUTS = [
     ("truncated-mkv-before-the-model", dict(video="{cut_mkv}", model="{not_model}"),
      "cut.mkv: truncated or damaged after frame"),
     ("audio-only", dict(video="{audio_only}"), "tone.m4a: has no video stream (audio only)"),
+    ("frames-smaller-than-the-model-takes", dict(video="{tiny}"), "tiny.mp4: its frames are 48x32, smaller than"),
+    ("frames-smaller-than-the-model-takes-at-any-size", dict(video="{tiny}", extra=["--size", "128"]),
+     "the short side must be at least 64 px"),
     ("empty-prompt", dict(prompt=""), "--prompt"),
     ("blank-prompt", dict(prompt="   "), "--prompt"),
     ("size-16", dict(extra=["--size", "16"]), "--size"),
@@ -772,7 +779,8 @@ def test_a_signal_during_the_inversion_exits_128_plus_it_with_one_line_and_write
     pan_clip, tiny_model_dir, tmp_path, signal_name, code, word
 ):
     """A real process and a real signal (Ctrl-C, or SIGTERM from a scheduler): `tokenflow edit ... && upload` must
-    not see success, and no staging folder (the staged frames) may stay behind."""
+    not see success, no staging folder (the staged frames) may stay behind, and the inversion's finished timesteps
+    stay in the cache for the next run."""
     import signal
     import time
 
@@ -791,6 +799,7 @@ def test_a_signal_during_the_inversion_exits_128_plus_it_with_one_line_and_write
             deadline = time.monotonic() + 120
             while "inversion:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
+            time.sleep(1.0)  # a few grid steps in: the first saved timestep is done
             assert proc.poll() is None, log.read_text()  # 999 inversion steps: still inverting
             proc.send_signal(getattr(signal, signal_name))
             stdout, _ = proc.communicate(timeout=120)
@@ -803,6 +812,8 @@ def test_a_signal_during_the_inversion_exits_128_plus_it_with_one_line_and_write
     assert stderr.replace("\r", "\n").strip().splitlines()[-1] == f"tokenflow: {word}; no output was written"
     assert stdout == ""
     assert not out.exists() and not list(tmp_path.glob(".out*"))  # no output, no staging folder left behind
+    # the inversion's finished timesteps are kept for the next run (the batch in progress as its checkpoint)
+    assert list((tmp_path / "cache").glob("*.partial/checkpoint.safetensors")), list((tmp_path / "cache").rglob("*"))
 
 
 def test_quiet_in_a_config_file_silences_logs_as_the_flag_does(pan_clip, tiny_model_dir, tmp_path):

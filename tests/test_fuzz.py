@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import tempfile
 from functools import lru_cache
@@ -185,3 +186,59 @@ def test_the_cli_on_a_mutated_clip_exits_0_or_2_without_traceback(tiny_model_dir
     else:
         assert (out / "edited.mp4").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+CLI_EXAMPLES = DEEP or 200
+
+
+def _cache_is_valid(cache: Path) -> list[str]:
+    """What is wrong with an inversion cache folder: unfinished inversions left, entries that fail their checksums."""
+    from tokenflow.inversion.storage import LatentStore
+
+    wrong = []
+    for entry in sorted(cache.iterdir()) if cache.exists() else []:
+        if entry.name.endswith(".lock"):
+            continue
+        if entry.name.endswith(".partial"):
+            wrong.append(f"{entry.name}: an unfinished inversion left behind")
+            continue
+        try:
+            LatentStore.open(entry).verify()
+        except Exception as exc:  # noqa: BLE001 - any failure to read back is what this looks for
+            wrong.append(f"{entry.name}: {exc!r}")
+    return wrong
+
+
+@settings(max_examples=CLI_EXAMPLES, deadline=None, derandomize=not DEEP, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(EDIT, min_size=1, max_size=3), allow_partial=st.booleans())
+def test_every_mutated_clip_through_the_cli_exits_0_or_2_leaving_a_valid_cache(tiny_model_dir, pan_clip, capfd,
+                                                                              edits, allow_partial):
+    """The issue's properties over 200 variants, as a user meets them: exit 0 or 2, never a traceback (on the
+    file descriptor, so FFmpeg's or a C library's writes count too), one line and no output folder when refused,
+    no staging folder either way, and an inversion cache shared by every run that stays valid."""
+    from tokenflow.cli import main
+
+    root = workdir() / "cli"
+    root.mkdir(exist_ok=True)
+    clip, out, cache = root / "mutated.mp4", root / "out", root / "cache"
+    clip.write_bytes(mutate(pan_clip.read_bytes(), edits))
+    shutil.rmtree(out, ignore_errors=True)
+    capfd.readouterr()
+    rc = main(["edit", str(clip), "--prompt", "a robot", "--model", str(tiny_model_dir), "--out", str(out),
+               "--cache-dir", str(cache), "--size", "64", "--max-frames", "4", "--steps", "2",
+               "--inversion-steps", "2", "--batch-size", "4", "--check-frames", "0", "--quiet",
+               *(["--allow-partial"] if allow_partial else [])])
+    err = capfd.readouterr().err
+    assert rc in (0, 2), err
+    assert "Traceback" not in err, err
+    if rc == 2:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tokenflow: error:"), err
+        assert not out.exists()
+    else:
+        assert (out / "edited.mp4").is_file()
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".out")]
+    assert _cache_is_valid(cache) == []
+    event("edited" if rc == 0 else "refused")

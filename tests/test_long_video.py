@@ -32,6 +32,7 @@ from tokenflow.attention import (
     windowed_extended_attention,
 )
 from tokenflow.editor import EditConfig, TokenFlowEditor, _KeyframePlan
+from tokenflow.events import Cancelled
 from tokenflow.inversion import (
     CorruptLatents,
     InversionCache,
@@ -792,3 +793,48 @@ def test_4k_frames_are_decoded_and_downscaled_one_at_a_time(tiny_model, tmp_path
         assert (info.width, info.height) == (width, height) and frames.shape == (count, 64, 112, 3)
     assert abs(float(frames[n - 1].astype(np.float32).mean()) - float(frames[0].astype(np.float32).mean())) > 1
     assert growth[12] - growth[6] < 2 * full, (growth, full)
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, Cancelled], ids=["ctrl-c", "cancel"])
+def test_an_interruption_keeps_the_batchs_finished_timesteps_and_the_next_run_starts_after_them(
+    model, frames, tmp_path, monkeypatch, interruption
+):
+    """Ctrl-C (SIGTERM in the CLI unwinds the same way) or a cancel in the middle of a batch checkpoints the
+    timesteps that batch has finished, however recently the periodic checkpoint ran: the next run does only the
+    rest, and the result is bit-identical. A failure of the computation itself keeps nothing of the batch (the
+    test above)."""
+    kwargs = dict(steps=3, inversion_steps=6, batch_size=2, progress=False, reconstruct=False)
+    grid, save = inversion_grid(model, 3, 6)
+    g = len(grid)
+    reference = invert_frames(model, frames, cache=InversionCache(tmp_path / "once"), **kwargs)
+    monkeypatch.setattr(InversionCache, "checkpoint_seconds", 1e9)  # no periodic checkpoint
+    cache = InversionCache(tmp_path / "interrupted")
+    key = InversionCache.key(frames, model, "", grid, save)
+    calls = [0]
+
+    def hook(module, args):
+        calls[0] += 1
+        if calls[0] == g + g - 1:  # the second batch, at its last grid step
+            raise interruption()
+
+    handle = model.unet.register_forward_pre_hook(hook)
+    try:
+        with pytest.raises(interruption):
+            invert_frames(model, frames, cache=cache, **kwargs)
+    finally:
+        handle.remove()
+    checkpoint = cache.partial_path(key) / "checkpoint.safetensors"
+    assert checkpoint.is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), "pt") as f:
+        a, z, t = json.loads(f.metadata()["info"])["checkpoint"]
+    assert (a, z) == (2, 4) and t in save and t != save[-1]
+    calls, handle = _count_unet_calls(model)
+    try:
+        resumed = invert_frames(model, frames, cache=cache, **kwargs)
+    finally:
+        handle.remove()
+    assert calls[0] == (g - grid.index(t) - 1) + g  # the rest of the second batch, then the third
+    assert torch.equal(resumed.clean, reference.clean)
+    assert all(torch.equal(resumed.noisy[t].load(), reference.noisy[t].load()) for t in reference.noisy)

@@ -128,7 +128,13 @@ def load_editor(options: RunOptions, editor: TokenFlowEditor | None = None, with
 
 def working_size(options: RunOptions, model, info) -> tuple[int, int]:
     """(width, height) the video is edited at: ``size`` (default: the model's) on the short side, aspect ratio
-    kept, a multiple of the VAE factor; one line when the model cannot take it."""
+    kept, a multiple of the VAE factor; one line when the model cannot take it or the video's frames are smaller
+    than the model's smallest side (a 16 px clip stretched to 512 is no edit of it)."""
+    if min(info.width, info.height) < model.min_side:  # nothing to edit, whatever `size` would stretch it to
+        raise InputError(
+            f"{info.path}: its frames are {info.width}x{info.height}, smaller than {options.model} takes (the short "
+            f"side must be at least {model.min_side} px); use a larger video"
+        )
     size = options.size if options.size is not None else model.default_size
     width, height = video_io.working_size(info.width, info.height, size, multiple=model.vae_scale_factor)
     if min(width, height) < model.min_side:

@@ -18,7 +18,7 @@ import torch
 from ..correspondence import consecutive_runs
 from ..errors import InputError
 from ..io.space import check_free_space
-from ..events import CancelToken, ProgressCallback, Tracker, as_progress
+from ..events import CancelToken, Cancelled, ProgressCallback, Tracker, as_progress
 from ..backbones import Backbone, TextConditioning
 from .check import _log_psnr, _psnr_from_error, _reconstruction_error, check_sample
 from .ddim import _invert_batch, _inversion_bar
@@ -233,16 +233,26 @@ class InversionCache:
                 logger.info("inversion: resuming frames %d-%d from timestep %d", a, z - 1, t)
             else:
                 kept["clean"] = model.encode_frames(frames[a:z], batch_size)
-            last = [time.monotonic()]
+            last = [time.monotonic(), None]  # when the last checkpoint was written; the last timestep saved
 
             def on_saved(t: int, x: torch.Tensor, a=a, z=z, kept=kept, last=last) -> None:
                 kept[timestep_name(t)] = x
+                last[1] = t
                 if time.monotonic() - last[0] >= self.checkpoint_seconds and t != save[-1]:
                     partial.write_checkpoint(a, z, t, kept)
                     last[0] = time.monotonic()
 
-            _invert_batch(model, kept["clean"], cond, grid, save, on_saved, bar.update, resume=resume,
-                          refinements=refinements)
+            try:
+                _invert_batch(model, kept["clean"], cond, grid, save, on_saved, bar.update, resume=resume,
+                              refinements=refinements)
+            except BaseException as exc:
+                # Ctrl-C, SIGTERM (the CLI raises a BaseException), a cancel: keep the timesteps finished so far
+                # for the next run; after a failure of the computation itself they are not to be trusted
+                t = last[1]
+                if (isinstance(exc, Cancelled) or not isinstance(exc, Exception)) and t is not None \
+                        and t != save[-1] and partial.checkpoint != [a, z, t]:
+                    partial.write_checkpoint(a, z, t, kept)
+                raise
             partial.write_batch(a, z, kept)
         psnr_value = None
         sample = check_sample(n, check_frames) if reconstruct else []
