@@ -359,6 +359,16 @@ def test_unknown_config_key_is_a_one_line_error(env, tmp_path, capsys):
     assert_one_line_error(rc, capsys, tmp_path, out, "bogus_option")
 
 
+def test_a_config_file_that_would_run_code_is_refused_and_the_code_does_not_run(env, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    config = tmp_path / "hostile.yaml"
+    config.write_text(f"prompt: !!python/object/apply:os.system ['touch {marker}']\n")
+    out = tmp_path / "out"
+    rc = main(["edit", str(env.clip), "--config", str(config), "--out", str(out), *SMALL])
+    assert_one_line_error(rc, capsys, tmp_path, out, "hostile.yaml: cannot be parsed")
+    assert not marker.exists()  # YAML read with the safe loader: no object of the file's choosing is made
+
+
 # ----------------------------------------------------------------------------- 7. keyframes file
 
 
