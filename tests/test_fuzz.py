@@ -164,6 +164,20 @@ def cli_variants() -> list[tuple[str, list, list[str]]]:
     return variants + [("zero-allow-partial", variants[3][1], ["--allow-partial"])]
 
 
+def assert_cli_outcome(rc: int, err: str, out: Path) -> None:
+    """Exit 0 with the edit written, or 2 with one error line and no output folder; never a traceback, and no
+    staging folder left beside the output either way."""
+    assert rc in (0, 2), err
+    assert "Traceback" not in err, err
+    if rc == 2:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tokenflow: error:"), err
+        assert not out.exists()
+    else:
+        assert (out / "edited.mp4").is_file()
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".out")]
+
+
 @pytest.mark.parametrize("kind, edits, extra", cli_variants(), ids=[v[0] for v in cli_variants()])
 def test_the_cli_on_a_mutated_clip_exits_0_or_2_without_traceback(tiny_model_dir, pan_clip, tmp_path, capsys,
                                                                     kind, edits, extra):
@@ -176,16 +190,7 @@ def test_the_cli_on_a_mutated_clip_exits_0_or_2_without_traceback(tiny_model_dir
     rc = main(["edit", str(clip), "--prompt", "a robot", "--model", str(tiny_model_dir), "--out", str(out),
                "--cache-dir", str(tmp_path / "cache"), "--size", "64", "--steps", "2", "--inversion-steps", "2",
                "--batch-size", "5", "--check-frames", "0", "--quiet", *extra])
-    err = capsys.readouterr().err
-    assert rc in (0, 2), err
-    assert "Traceback" not in err
-    if rc == 2:
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("tokenflow: error:"), err
-        assert not out.exists()
-    else:
-        assert (out / "edited.mp4").is_file()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert_cli_outcome(rc, capsys.readouterr().err, out)
 
 
 CLI_EXAMPLES = DEEP or 200
@@ -230,15 +235,6 @@ def test_every_mutated_clip_through_the_cli_exits_0_or_2_leaving_a_valid_cache(t
                "--cache-dir", str(cache), "--size", "64", "--max-frames", "4", "--steps", "2",
                "--inversion-steps", "2", "--batch-size", "4", "--check-frames", "0", "--quiet",
                *(["--allow-partial"] if allow_partial else [])])
-    err = capfd.readouterr().err
-    assert rc in (0, 2), err
-    assert "Traceback" not in err, err
-    if rc == 2:
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("tokenflow: error:"), err
-        assert not out.exists()
-    else:
-        assert (out / "edited.mp4").is_file()
-    assert not [p.name for p in root.iterdir() if p.name.startswith(".out")]
+    assert_cli_outcome(rc, capfd.readouterr().err, out)
     assert _cache_is_valid(cache) == []
     event("edited" if rc == 0 else "refused")
