@@ -91,6 +91,26 @@ def write_vfr_clip(path: Path, times=VFR_TIMES, width: int = 192, height: int = 
         container.mux(stream.encode(None))
 
 
+def write_rotated_clip(path: Path, ccw: int, num_frames: int = 3, width: int = 192, height: int = 128):
+    """A pan stored ``width`` x ``height`` with a display matrix turning it ``ccw`` degrees counter-clockwise, as a
+    phone stores portrait footage; returns the stored frames (``uint8 [n, height, width, 3]``)."""
+    import av
+
+    from tokenflow.testing import pan_frames
+
+    frames = pan_frames(num_frames=num_frames, width=width, height=height)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10, options={"crf": "10"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.set_display_rotation(ccw)
+        for i, frame in enumerate(frames):
+            image = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            image.pts = i
+            container.mux(stream.encode(image))
+        container.mux(stream.encode(None))
+    return frames
+
+
 def audio_only(clip: Path, path: Path) -> Path:
     """``clip``'s audio stream alone (its packets copied) into ``path``: a file with no video stream."""
     import av

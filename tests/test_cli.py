@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 from conftest import audio_only as _audio_only
 import torch
@@ -166,6 +167,27 @@ def test_unusual_inputs_edit_with_their_frame_count_and_orientation(env, tmp_pat
         assert min(stats["width"], stats["height"]) == 64 and (stats["height"] > stats["width"]) == (height > width)
         assert stats["width"] * height == pytest.approx(stats["height"] * width, rel=0.1), video
     assert report(out)["parameters"]["video"] == str(clip)
+
+
+def test_a_phone_clip_stored_sideways_is_edited_upright(env, tmp_path):
+    """Portrait phone footage is stored landscape with a display matrix (-90: turn clockwise): every output is
+    upright, the source's picture the right way round (not turned the other way)."""
+    from conftest import write_rotated_clip
+    from tokenflow.io import load_frames, resize_frames
+
+    clip = tmp_path / "phone.mp4"
+    stored = write_rotated_clip(clip, -90, width=144, height=96)
+    out = tmp_path / "out"
+    assert main(["edit", str(clip), "--prompt", "a robot", "--model", str(env.model), "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache"), *SMALL, "--quiet"]) == 0
+    for video in ("edited.mp4", "source.mp4"):
+        stats = video_stats(out / video)
+        assert (stats["width"], stats["height"]) == (64, 96) and stats["frames"] == 3, video
+    source, _ = load_frames(out / "source.mp4")
+    upright = resize_frames(np.rot90(stored, k=-1, axes=(1, 2)).copy(), 64, 96)  # clockwise
+    wrong = resize_frames(np.rot90(stored, k=1, axes=(1, 2)).copy(), 64, 96)
+    err = np.abs(source.astype(int) - upright).mean()
+    assert err < 6 and np.abs(source.astype(int) - wrong).mean() > 3 * err + 10
 
 
 def test_run_json_records_the_run(first_run, env):

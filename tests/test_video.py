@@ -32,7 +32,7 @@ from tokenflow.io import (
 )
 from tokenflow.testing import make_pan_clip, pan_frames
 
-from conftest import VFR_TIMES, frame_times, write_vfr_clip
+from conftest import VFR_TIMES, frame_times, write_rotated_clip, write_vfr_clip
 
 N, W, H, SHIFT, FPS = 16, 192, 128, 6, 10
 
@@ -195,16 +195,7 @@ def test_webm(tmp_path):
 @pytest.mark.parametrize("ccw, rotation", [(-90, 90), (90, 270), (180, 180)])
 def test_rotation_metadata_is_applied(tmp_path, ccw, rotation):
     path = tmp_path / f"rot{rotation}.mp4"
-    ref = pan_frames(num_frames=3)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=10, options={"crf": "10"})
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.set_display_rotation(ccw)  # as a phone would store it
-        for i, frame in enumerate(ref):
-            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            vf.pts = i
-            container.mux(stream.encode(vf))
-        container.mux(stream.encode(None))
+    ref = write_rotated_clip(path, ccw, width=W, height=H)  # as a phone would store it
 
     info = probe(path)
     assert info.rotation == rotation
