@@ -32,6 +32,7 @@ Writes ``--json`` and ``--plot`` and prints Markdown tables (with the machine) t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -212,6 +213,7 @@ def _timed_stages(editor, frames, spec: dict, device):
         propagation=spec["mode"],
         blending="linear",
         seed=spec["seed"],
+        keyframe_window=spec.get("keyframe_window", "auto"),
     )
     started = time.perf_counter()
     out = editor.edit(source, config, progress=False)
@@ -403,6 +405,10 @@ def markdown(report: dict) -> str:
                 f"| {_f(q['flow_ratio'], '{:.3f}')} | {_f(q.get('gt_source'))} | {_f(q.get('gt_vae'))} "
                 f"| {_f(q.get('gt_recon'))} |"
             )
+        lines += ["", "Editing loop cost per UNet frame evaluation (edit stage wall time / evaluations):", "",
+                  "| model | clip | frames | TokenFlow (ms) | per-frame (ms) | **ratio** |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {q['model']} | {q['clip']} | {q['frames']} | {q['ms_per_eval_tokenflow']:.2f} "
+                  f"| {q['ms_per_eval_none']:.2f} | **{q['loop_cost_ratio']:.3f}** |" for q in ratios]
         micro = [q["gt_ratio"] for q in ratios if q["model"] == "micro" and q.get("gt_ratio") is not None]
         if micro:
             lines += ["", f"Micro model GT ratio: mean {sum(micro) / len(micro):.3f}, range "
@@ -427,6 +433,11 @@ def compute_ratios(runs: list[dict]) -> list[dict]:
         q = dict(model=model, clip=clip, frames=frames,
                  flow_tokenflow=tf["metrics"]["warp_error"], flow_none=pf["metrics"]["warp_error"])
         q["flow_ratio"] = q["flow_tokenflow"] / q["flow_none"] if q["flow_none"] else None
+        # the editing loop's cost per UNet frame evaluation: TokenFlow's extra work (keyframe attention, the
+        # nearest-neighbour field, blending) over the per-frame baseline's, whose loop is the UNet alone
+        for mode, r in (("tokenflow", tf), ("none", pf)):
+            q[f"ms_per_eval_{mode}"] = 1000 * r["edit_s"] / r["unet_frame_evaluations"]
+        q["loop_cost_ratio"] = q["ms_per_eval_tokenflow"] / q["ms_per_eval_none"]
         if "gt_warp_error" in tf and "gt_warp_error" in pf:
             q["gt_tokenflow"] = tf["gt_warp_error"]["edited"]
             q["gt_none"] = pf["gt_warp_error"]["edited"]
@@ -516,7 +527,10 @@ def parse_args(argv=None):
     p.add_argument("--micro-seeds", nargs="+", type=int, default=[0, 1], help="make_clip.py seeds for micro")
     p.add_argument("--micro-shift", type=int, default=None,
                    help="micro pan shift; default the reference protocol: 2 for seeds 0-2, 3 otherwise")
-    p.add_argument("--micro-frames", type=int, default=16)
+    p.add_argument("--keyframe-window", default="auto",
+                   help="TokenFlow's keyframe attention: auto (the tool's default), full, or K keyframes each side")
+    p.add_argument("--micro-frames", type=int, nargs="+", default=[16],
+                   help="frame counts of the micro clips (e.g. 16 32 64 128: the editing-loop cost study)")
     p.add_argument("--micro-steps", type=int, default=50, help="inversion and editing steps for micro")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--micro-edit", type=int, nargs="+", default=[0],
@@ -574,8 +588,8 @@ def main(argv=None) -> None:
         else:
             for seed in args.micro_seeds:
                 shift = args.micro_shift if args.micro_shift is not None else (2 if seed <= 2 else 3)
-                clips.append(dict(kind="micro", name=f"micro-seed{seed}-shift{shift}-{args.micro_frames}",
-                                  frames=args.micro_frames, seed=seed, shift=shift))
+                clips += [dict(kind="micro", name=f"micro-seed{seed}-shift{shift}-{n}", frames=n, seed=seed,
+                               shift=shift) for n in args.micro_frames]
     clips = list({c["name"]: c for c in clips}.values())
     request = dict(work=str(work), models=args.models, clips=clips, device=args.device, threads=args.threads,
                    out=str(work / "prepared.json"))
@@ -591,8 +605,8 @@ def main(argv=None) -> None:
           f"device {device}, torch {machine['torch']}", file=sys.stderr)
     clip_by_name = {c["name"]: c for c in prepared["clips"]}
 
-    common = dict(inversion=args.inversion, device=device, dtype=args.dtype, threads=args.threads,
-                  guidance_scale=args.guidance_scale,
+    common = dict(inversion=args.inversion, keyframe_window=args.keyframe_window, device=device, dtype=args.dtype,
+                  threads=args.threads, guidance_scale=args.guidance_scale,
                   seed=args.seed, reconstruct=args.reconstruct, repeat=args.repeat, flow=args.flow,
                   gt_border=args.gt_border, keep_frames=args.keep_frames)
     plan = []
@@ -608,19 +622,18 @@ def main(argv=None) -> None:
                                      prompt=args.prompt, inversion_prompt="", negative_prompt="",
                                      shift=args.shift, extras=(i == 0)))
         else:
-            for seed in args.micro_seeds:
+            for seed, n, e in itertools.product(args.micro_seeds, args.micro_frames, args.micro_edit):
                 shift = args.micro_shift if args.micro_shift is not None else (2 if seed <= 2 else 3)
-                c = clip_by_name[f"micro-seed{seed}-shift{shift}-{args.micro_frames}"]
+                c = clip_by_name[f"micro-seed{seed}-shift{shift}-{n}"]
                 meta = c["meta"]
-                for e in args.micro_edit:
-                    for i, mode in enumerate(args.modes):
-                        plan.append(dict(common, model="micro", model_path=prepared["models"]["micro"], mode=mode,
-                                         frames=c["frames"], frames_path=c["path"], seed_clip=seed,
-                                         clip_label=f"seed {seed}, shift {shift}, edit {e} ({meta['edits'][e]['kind']})",
-                                         size_label=f"{c['width']}x{c['height']}", steps=args.micro_steps,
-                                         inversion_steps=args.micro_steps, batch_size=args.micro_batch_size,
-                                         prompt=meta["edits"][e]["prompt"], inversion_prompt=meta["caption"],
-                                         negative_prompt="", shift=shift, extras=(i == 0)))
+                for i, mode in enumerate(args.modes):
+                    plan.append(dict(common, model="micro", model_path=prepared["models"]["micro"], mode=mode,
+                                     frames=c["frames"], frames_path=c["path"], seed_clip=seed,
+                                     clip_label=f"seed {seed}, shift {shift}, edit {e} ({meta['edits'][e]['kind']})",
+                                     size_label=f"{c['width']}x{c['height']}", steps=args.micro_steps,
+                                     inversion_steps=args.micro_steps, batch_size=args.micro_batch_size,
+                                     prompt=meta["edits"][e]["prompt"], inversion_prompt=meta["caption"],
+                                     negative_prompt="", shift=shift, extras=(i == 0)))
 
     runs = []
     for k, spec in enumerate(plan):

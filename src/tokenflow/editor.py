@@ -82,12 +82,14 @@ class TokenFlowEditor:
         inversion: str = "fixed-point",
         refinements: int = 1,
         check_frames: int | None = None,
+        cache_stride: int | str = "auto",
     ) -> SourceLatents:
         """DDIM-invert uint8 frames ``[N,H,W,3]`` (already at the working size); see :func:`invert_frames`.
 
         ``inversion``: ``fixed-point`` (default: on the editing grid, ``refinements`` fixed-point iterations per
         step) or ``ddim`` (plain, ``inversion_steps`` default 500: the reference's); ``check_frames``: frames the
-        reconstruction check samples (default: all). Calls from several threads take turns on the model."""
+        reconstruction check samples (default: all); ``cache_stride``: timesteps a cache entry keeps (see
+        :func:`invert_frames`). Calls from several threads take turns on the model."""
         inversion_steps, refinements = resolve_inversion(inversion, steps, inversion_steps, refinements)
         with self.model.lock:
             return invert_frames(
@@ -104,6 +106,7 @@ class TokenFlowEditor:
                 cancel=cancel,
                 refinements=refinements,
                 check_frames=check_frames,
+                cache_stride=cache_stride,
             )
 
     # -- the loop ---------------------------------------------------------------------------------------------

@@ -294,6 +294,11 @@ class RunOptions(EditConfig):
         None, type=Optional[Path], help="Inversion cache folder (default: the user cache dir).",
         commands=("edit", "invert"),
     )
+    cache_stride: int | str = option(
+        "auto", type=str, commands=("edit", "invert"),
+        help="Keep every N-th inverted timestep in the cache; edits recompute the others exactly (auto: all, or at "
+             "most 16 latents a frame when the entry would pass 4 GiB).",
+    )
     save_latents: bool = option(
         False, flags=("--save-latents",), help="Also write the latents (folder latents/: final, clean, t<T>)."
     )

@@ -163,6 +163,7 @@ def _invert(editor: TokenFlowEditor, frames: FrameStore, options: RunOptions, ti
         inversion_steps=options.inversion_steps,
         refinements=options.inversion_refinements,
         check_frames=options.check_frames,
+        cache_stride=options.cache_stride,
         batch_size=options.batch_size,
         cache=InversionCache(options.cache_dir),
         progress=progress,
@@ -274,6 +275,8 @@ def edit_video(
                 stores.append(control)
                 timings["control_maps"] = time.perf_counter() - started
             source, cache_hit = _invert(editor, frames, options, timings, progress, cancel)
+            if hasattr(source.noisy, "close"):  # a compact cache entry's recomputed timesteps: scratch files
+                stores.append(source.noisy)
             config = options.edit_config()
             result = editor.edit(source, config, progress=progress, control=control, cancel=cancel, workspace=work)
             timings["edit"] = result.seconds
@@ -385,6 +388,8 @@ def _run_report(options, editor, info, frames, fps, source, cache_hit, result: E
         keyframes=result.keyframes,
         timesteps=result.timesteps,
         unet_frame_evaluations=result.unet_frame_evaluations,
+        # a compact cache entry's timesteps recomputed during this edit (cache_stride)
+        recomputed_source_evaluations=getattr(source.noisy, "recomputed_evaluations", 0),
         timings={k: round(v, 3) for k, v in timings.items()},
     )
 

@@ -24,6 +24,7 @@ from .ddim import (
 )
 from .invert import invert_frames
 from .source import SourceLatents
+from .strided import StridedTimesteps, stored_timesteps
 from .storage import CorruptLatents, LatentColumn, LatentStore, load_latents, write_latents
 
 __all__ = [
@@ -44,4 +45,6 @@ __all__ = [
     "invert_frames",
     "psnr",
     "reconstruction_psnr",
+    "StridedTimesteps",
+    "stored_timesteps",
 ]

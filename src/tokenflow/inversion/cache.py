@@ -89,10 +89,12 @@ class InversionCache:
         self.root = Path(root)
 
     @staticmethod
-    def key(frames, model: Backbone, prompt: str, grid: list[int], save: list[int], refinements: int = 0) -> str:
+    def key(frames, model: Backbone, prompt: str, grid: list[int], save: list[int], refinements: int = 0,
+            stored: list[int] | None = None) -> str:
         """``frames``: a uint8 ``[N,H,W,3]`` tensor or a :class:`~tokenflow.io.FrameStore` (whose hash
         of the same bytes was taken as it was written: the same key either way). ``refinements``: the fixed-point
-        scheme's iterations (plain DDIM, 0, keeps the keys of earlier releases)."""
+        scheme's iterations (plain DDIM, 0, keeps the keys of earlier releases); ``stored``: the timesteps a strided
+        entry keeps (None: all saved ones, the keys of earlier releases)."""
         if hasattr(frames, "sha256"):
             digest = frames.sha256()
         else:
@@ -113,6 +115,7 @@ class InversionCache:
                     save=save,
                     version=1,
                     **({"refinements": refinements} if refinements else {}),
+                    **({"stored": list(stored)} if stored is not None else {}),
                 ),
                 sort_keys=True,
                 default=str,
@@ -166,7 +169,8 @@ class InversionCache:
     def store(self, key: str, source: SourceLatents) -> Path:
         """Write ``source`` (in memory or lazy) as the entry for ``key``, streaming, atomically."""
         tensors = {"clean": source.clean}
-        tensors.update({timestep_name(t): v for t, v in sorted(source.noisy.items())})
+        noisy = getattr(source.noisy, "stored", source.noisy)  # a strided entry stays strided
+        tensors.update({timestep_name(t): v for t, v in sorted(noisy.items())})
         info = dict(source.info, reconstruction_psnr=source.reconstruction_psnr)
         path = write_latents(self.path(key), tensors, info)
         self._legacy_path(key).unlink(missing_ok=True)
@@ -198,6 +202,7 @@ class InversionCache:
         cancel: CancelToken | None = None,
         refinements: int = 0,
         check_frames: int | None = None,
+        stored: list[int] | None = None,
     ) -> SourceLatents:
         """Encode, invert and (optionally) reconstruct ``frames`` into the entry for ``key``, resumably.
 
@@ -206,10 +211,12 @@ class InversionCache:
         skips it; inside a batch, the latents so far are saved as the batch's checkpoint every
         ``checkpoint_seconds``, and a rerun continues the batch's inversion from there. Batches are those of an
         uninterrupted run and DDIM inversion is a deterministic chain, so the result is the same, bit for bit.
-        Returns :meth:`load` of the finished entry.
+        ``stored``: the saved timesteps the entry keeps (default: all of ``save``; a strided entry,
+        :mod:`.strided`). Returns :meth:`load` of the finished entry.
         """
         n = frames.shape[0]
-        partial = self._open_partial(key, model, frames, save)
+        stored = list(save) if stored is None else sorted(stored)
+        partial = self._open_partial(key, model, frames, save, stored)
         done = [list(span) for span in partial.done]
         if done:
             logger.info("inversion: resuming %s, %d of %d frames already inverted", partial.folder,
@@ -225,17 +232,20 @@ class InversionCache:
         for a, z in todo:
             kept: dict[str, torch.Tensor] = {}
             resume = None
+            last = [time.monotonic(), None]  # when the last checkpoint was written; the last timestep saved
             if checkpoint is not None and checkpoint[:2] == [a, z]:
                 # interrupted inside this batch: continue from its last checkpointed timestep
                 kept = partial.read_checkpoint()
                 t = checkpoint[2]
                 resume = (t, kept[timestep_name(t)])
+                last[1] = t
                 logger.info("inversion: resuming frames %d-%d from timestep %d", a, z - 1, t)
             else:
                 kept["clean"] = model.encode_frames(frames[a:z], batch_size)
-            last = [time.monotonic(), None]  # when the last checkpoint was written; the last timestep saved
 
             def on_saved(t: int, x: torch.Tensor, a=a, z=z, kept=kept, last=last) -> None:
+                if last[1] is not None and last[1] not in stored:  # kept only to resume from
+                    del kept[timestep_name(last[1])]
                 kept[timestep_name(t)] = x
                 last[1] = t
                 if time.monotonic() - last[0] >= self.checkpoint_seconds and t != save[-1]:
@@ -253,12 +263,15 @@ class InversionCache:
                         and t != save[-1] and partial.checkpoint != [a, z, t]:
                     partial.write_checkpoint(a, z, t, kept)
                 raise
+            if last[1] is not None and last[1] not in stored:
+                del kept[timestep_name(last[1])]
             partial.write_batch(a, z, kept)
         psnr_value = None
         sample = check_sample(n, check_frames) if reconstruct else []
         if sample:
-            psnr_value = self._reconstruct(partial, model, cond, batch_size, progress, cancel, sample)
-        info = dict(info or {}, reconstruction_psnr=psnr_value, check_frames=len(sample))
+            psnr_value = self._reconstruct(partial, model, cond, batch_size, progress, cancel, sample, save)
+        info = dict(info or {}, reconstruction_psnr=psnr_value, check_frames=len(sample),
+                    batches=sorted(partial.done))
         path = partial.finish(self.path(key), info)
         self._legacy_path(key).unlink(missing_ok=True)
         source = self.load(key)
@@ -266,16 +279,16 @@ class InversionCache:
             raise RuntimeError(f"{path}: the inversion just written cannot be read back")
         return source
 
-    def _open_partial(self, key, model, frames, save) -> "_PartialEntry":
+    def _open_partial(self, key, model, frames, save, stored) -> "_PartialEntry":
         folder = self.partial_path(key)
         if folder.is_file():  # an unfinished inversion of tokenflow < 0.3: another layout
             logger.info("inversion: discarding %s, an unfinished inversion of an older tokenflow", folder)
             folder.unlink()
             (self.root / f"{key}.progress.json").unlink(missing_ok=True)
-        return _PartialEntry(folder, model, frames, save)
+        return _PartialEntry(folder, model, frames, save, stored)
 
     def _reconstruct(self, partial: "_PartialEntry", model, cond, batch_size, progress, cancel,
-                     sample: list[int]) -> float:
+                     sample: list[int], save: list[int]) -> float:
         """The reconstruction check of the frames in ``sample``, batch by batch; each batch's error is recorded
         (``[i, j, error, values]``, positions in the sample), so an interrupted check resumes."""
         n = len(sample)
@@ -287,7 +300,7 @@ class InversionCache:
             source = SourceLatents(clean=store.columns["clean"], noisy=store.timesteps())  # lazy: a batch at a time
         bar = Tracker("reconstruction", n, progress, cancel, initial=n - sum(z - a for a, z in todo))
         for a, z in todo:
-            error, count = _reconstruction_error(model, source, cond, sample[a:z])
+            error, count = _reconstruction_error(model, source, cond, sample[a:z], path=sorted(save, reverse=True))
             done.append([a, z, error, count])
             partial.record_reconstruction(done)
             bar.update(z - a)
@@ -305,10 +318,11 @@ class _PartialEntry:
     CHECKPOINT = "checkpoint.safetensors"
     RECONSTRUCTION = "reconstruction.json"
 
-    def __init__(self, folder: Path, model: Backbone, frames, save: list[int]):
+    def __init__(self, folder: Path, model: Backbone, frames, save: list[int], stored: list[int]):
         self.folder = folder
         self.frames = frames.shape[0]
-        self.names = {"clean", *(timestep_name(t) for t in save)}
+        self.names = {"clean", *(timestep_name(t) for t in stored)}  # a finished batch's shard
+        self.checkpoint_names = {"clean", *(timestep_name(t) for t in save)}  # and the timestep it resumes from
         self.done: list[tuple[int, int]] = []
         self.checkpoint: list[int] | None = None
         self.reconstructed: list[list] = []
@@ -333,7 +347,7 @@ class _PartialEntry:
         shapes = {tuple(c.shape[1:]) for c in store.columns.values()}
         ok = (
             "clean" in names
-            and names <= self.names
+            and names <= (self.names if complete else self.checkpoint_names)
             and (names == self.names or not complete)
             and len(shapes) == 1
             and (self._shape is None or shapes == {self._shape})

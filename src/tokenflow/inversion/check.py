@@ -47,9 +47,11 @@ def _reconstruction_error(
     source: SourceLatents,
     cond: TextConditioning,
     frames: list[int],
+    path: list[int] | None = None,
 ) -> tuple[int, int]:
-    """(squared error, values) of ``frames`` decoded after reconstruction vs the VAE round trip."""
-    path = sorted(source.noisy, reverse=True)
+    """(squared error, values) of ``frames`` decoded after reconstruction vs the VAE round trip, sampled down
+    ``path`` (descending; default: the source's timesteps)."""
+    path = sorted(source.noisy, reverse=True) if path is None else path
     recon = _reconstruct_batch(model, source.noisy[path[0]][frames], cond, path)
     decoded = model.decode_latents(recon)
     reference = model.decode_latents(source.clean[frames])

@@ -15,6 +15,7 @@ from .check import _log_psnr, check_sample, reconstruction_psnr
 from ..errors import InputError
 from .ddim import ddim_invert, inversion_grid
 from .source import SourceLatents
+from .strided import StridedTimesteps, resolve_cache_stride, stored_timesteps
 
 logger = logging.getLogger("tokenflow.inversion")
 
@@ -36,6 +37,7 @@ def invert_frames(
     cancel: CancelToken | None = None,
     refinements: int = 0,
     check_frames: int | None = None,
+    cache_stride: int | str | None = "auto",
 ) -> SourceLatents:
     """Encode uint8 frames ``[N,H,W,3]`` and DDIM-invert them, through ``cache`` when given.
 
@@ -50,6 +52,9 @@ def invert_frames(
     ``refinements``: fixed-point iterations per inversion step (0: plain DDIM inversion, the reference's scheme;
     see :func:`~tokenflow.inversion.ddim._invert_batch`); part of the cache key. ``check_frames``: the
     reconstruction check samples this many evenly spaced frames (default: all; it costs one sampling pass each).
+    ``cache_stride``: with a cache, keep every this-many-th saved timestep on disk and recompute the others, exactly,
+    when an edit reads them (:mod:`.strided`); ``auto``: 1 (all) unless the entry would pass 4 GiB, then at most
+    16 latent arrays a frame (1 MiB at 512 px). Part of the cache key when above 1.
     """
     if refinements < 0:
         raise InputError(f"`inversion_refinements` {refinements}: must be 0 or more")
@@ -70,22 +75,33 @@ def invert_frames(
             _log_psnr(source.reconstruction_psnr, len(sample) if len(sample) < frames.shape[0] else None)
         return source
 
-    key = InversionCache.key(frames, model, prompt, grid, save, refinements)
+    latent_shape = (model.latent_channels, frames.shape[1] // factor, frames.shape[2] // factor)
+    stride = resolve_cache_stride(cache_stride, frames.shape[0], latent_shape, save)
+    stored = stored_timesteps(save, stride)
+    key = InversionCache.key(frames, model, prompt, grid, save, refinements, stored if stride > 1 else None)
+
+    def strided(source: SourceLatents | None) -> SourceLatents | None:
+        """A strided entry's missing timesteps, recomputed on demand."""
+        if source is None or sorted(source.noisy) == sorted(save):
+            return source
+        source.noisy = StridedTimesteps(source.noisy, save, model, cond, grid, refinements, scratch=cache.root,
+                                        batches=source.info.get("batches"))
+        return source
 
     checked = reconstruct and check_frames != 0
 
     def usable(hit: SourceLatents | None) -> bool:
         return hit is not None and (hit.reconstruction_psnr is not None or not checked)
 
-    hit = cache.load(key)
+    info["cache_stride"] = stride
+    hit = strided(cache.load(key))
     if not usable(hit):
         with cache.lock(key):
-            hit = cache.load(key)  # another process may have finished it meanwhile
+            hit = strided(cache.load(key))  # another process may have finished it meanwhile
             if hit is None:
-                hit = cache.invert(key, model, frames, cond, grid, save, batch_size=batch_size,
-                                   reconstruct=reconstruct, info=info, progress=progress, cancel=cancel,
-                                   refinements=refinements, check_frames=check_frames)
-                return hit
+                return strided(cache.invert(key, model, frames, cond, grid, save, batch_size=batch_size,
+                                            reconstruct=reconstruct, info=info, progress=progress, cancel=cancel,
+                                            refinements=refinements, check_frames=check_frames, stored=stored))
             if not usable(hit):  # inverted earlier without the reconstruction check: add it
                 sample = check_sample(frames.shape[0], check_frames)
                 hit.reconstruction_psnr = reconstruction_psnr(model, hit, cond, batch_size, progress, cancel,
@@ -93,7 +109,7 @@ def invert_frames(
                 hit.info["check_frames"] = len(sample)
                 _log_psnr(hit.reconstruction_psnr, len(sample) if len(sample) < frames.shape[0] else None)
                 cache.store(key, hit)
-                return cache.load(key)
+                return strided(cache.load(key))
     logger.info("inversion cache hit: %s", cache.location(key))
     if on_cache_hit is not None:
         on_cache_hit(cache.location(key))
