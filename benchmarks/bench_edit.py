@@ -54,22 +54,28 @@ MODE_LABEL = {"tokenflow": "TokenFlow", "none": "per-frame PnP"}
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def gt_warp_error(frames, shift: int, border: int) -> float:
+def gt_warp_error(frames, shift, border: int) -> float:
     """Ground-truth warp error of a pan where frame i+1 is frame i moved left by ``shift`` px (0-255 scale).
 
     ``frame_{i+1}(x) == frame_i(x + shift)``: compare frame i's columns ``x + shift`` with frame i+1's columns
-    ``x``, over all pixels more than ``border`` px from every edge of both frames, averaged over pairs.
+    ``x``, over all pixels more than ``border`` px from every edge of both frames, averaged over pairs. ``shift``:
+    one for every pair, or a list with one per pair (negative: the pan goes back, as in a ping-pong clip).
     """
     import numpy as np
 
     f = np.asarray(frames, dtype=np.float64)
     h, w = f.shape[1:3]
     b = border
-    if w - 2 * b - shift < 1 or h - 2 * b < 1:
-        raise ValueError(f"--gt-border {border} with shift {shift} leaves no pixels of a {w}x{h} frame")
-    cur = f[:-1, b : h - b, b + shift : w - b]
-    nxt = f[1:, b : h - b, b : w - b - shift]
-    return float(np.abs(cur - nxt).mean())
+    shifts = [shift] * (len(f) - 1) if isinstance(shift, int) else list(shift)
+    m = max(abs(s) for s in shifts)
+    if w - 2 * b - m < 1 or h - 2 * b < 1:
+        raise ValueError(f"--gt-border {border} with shift {m} leaves no pixels of a {w}x{h} frame")
+    errors = []
+    for i, s in enumerate(shifts):
+        cur = f[i, b : h - b, b + max(s, 0) : w - b + min(s, 0)]
+        nxt = f[i + 1, b : h - b, b - min(s, 0) : w - b - max(s, 0)]
+        errors.append(np.abs(cur - nxt).mean())
+    return float(np.mean(errors))
 
 
 def _vm_hwm_mb() -> float | None:
@@ -293,8 +299,12 @@ def pan_clip(n: int, size: int, shift: int):
     return pan_frames(n, width, size, shift, "astronaut")
 
 
-def micro_clip(root: Path, seed: int, shift: int, n: int):
-    """A clip of the micro model's world from ``make_clip.make`` with exact known motion, and its metadata."""
+def micro_clip(root: Path, seed: int, shift: int, n: int, pingpong: int = 32):
+    """A clip of the micro model's world from ``make_clip.make`` with exact known motion, and its metadata.
+
+    Its scenes keep every object in view for the whole pan, which a pan longer than about 32 frames at 2 px cannot
+    do: longer clips go back and forth over a ``pingpong``-frame pan (frames 0..31, 30..0, 1..31, ...), with
+    ``meta["shifts"]`` the signed shift of every pair."""
     import numpy as np
     from PIL import Image
 
@@ -303,9 +313,17 @@ def micro_clip(root: Path, seed: int, shift: int, n: int):
         import make_clip
     finally:
         sys.path.remove(str(MICRO_DIR))
-    out = root / f"micro-seed{seed}-shift{shift}"
-    meta = make_clip.make(str(out), seed, shift, n)
+    out = root / f"micro-seed{seed}-shift{shift}-{n}"
+    meta = make_clip.make(str(out), seed, shift, min(n, pingpong))
     frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((out / "frames").glob("*.png"))])
+    if n > pingpong:
+        order, step = [0], 1
+        while len(order) < n:
+            if not 0 <= order[-1] + step < pingpong:
+                step = -step
+            order.append(order[-1] + step)
+        meta["shifts"] = [shift * (b - a) for a, b in zip(order, order[1:])]
+        frames = frames[order]
     return frames, meta
 
 
@@ -344,7 +362,7 @@ def add_metrics(result: dict, source_frames, edited, extras: dict, spec: dict) -
     report = evaluate(source_frames, edited, flow=spec["flow"])
     summary = report.summary()
     result["metrics"] = {k: summary[k] for k in ("warp_error", "warp_error_source", "psnr", "ssim")}
-    shift, border = spec.get("shift"), spec["gt_border"]
+    shift, border = spec.get("shifts") or spec.get("shift"), spec["gt_border"]
     if shift is not None:
         gt = dict(edited=gt_warp_error(edited, shift, border), source=gt_warp_error(source_frames, shift, border))
         for name, video in extras.items():
@@ -633,7 +651,7 @@ def main(argv=None) -> None:
                                      size_label=f"{c['width']}x{c['height']}", steps=args.micro_steps,
                                      inversion_steps=args.micro_steps, batch_size=args.micro_batch_size,
                                      prompt=meta["edits"][e]["prompt"], inversion_prompt=meta["caption"],
-                                     negative_prompt="", shift=shift, extras=(i == 0)))
+                                     negative_prompt="", shift=shift, shifts=meta.get("shifts"), extras=(i == 0)))
 
     runs = []
     for k, spec in enumerate(plan):

@@ -146,7 +146,8 @@ def test_the_command_line_defaults_to_fixed_point_and_keeps_the_reference_scheme
     capsys.readouterr()  # the loading bars of the runs above
     for argv, flag in ((["--inversion", "euler"], "--inversion 'euler'"),
                        (["--inversion-refinements", "-1"], "--inversion-refinements -1"),
-                       (["--check-frames", "-2"], "--check-frames -2")):
+                       (["--check-frames", "-2"], "--check-frames -2"),
+                       (["--cache-stride", "0"], "--cache-stride '0'")):
         rc = main(["invert", str(pan_clip), "--model", str(tiny_model_dir), *argv])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and flag in err[0], err

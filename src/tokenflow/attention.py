@@ -349,10 +349,21 @@ def _budget_frames(tokens_per_frame: int, budget_tokens: int) -> int:
     return max(1, budget_tokens // tokens_per_frame)
 
 
+def attention_break_even(batch_size: int) -> float:
+    """How many keyframes one keyframe may attend to before TokenFlow's self-attention costs more than per-frame
+    editing's: a step runs ``N / batch_size`` keyframes, whose source branch attends per frame and whose two edited
+    branches attend to ``K`` keyframes' tokens, while the propagated frames attend to nothing (their outputs are
+    gathered from the keyframes); per-frame editing attends ``3 N`` times per frame. Equal when
+    ``(1 + 2 K) / batch_size = 3``."""
+    return (3 * batch_size - 1) / 2
+
+
 def auto_keyframe_window(
-    num_keyframes: int, tokens_per_frame: int, budget_tokens: int = DEFAULT_KEYFRAME_TOKEN_BUDGET, anchors: int = 0
+    num_keyframes: int, tokens_per_frame: int, budget_tokens: int = DEFAULT_KEYFRAME_TOKEN_BUDGET, anchors: int = 0,
+    batch_size: int | None = None,
 ) -> int | None:
-    """A keyframe window for :func:`windowed_extended_attention`: ``None`` (full) while it fits the token budget.
+    """A keyframe window for :func:`windowed_extended_attention`: ``None`` (full) while it fits the token budget
+    and, given ``batch_size``, while joint attention costs no more than the per-frame attention it replaces.
 
     ``tokens_per_frame``: tokens of the largest self-attention level: latent ``h * w`` for SD, a quarter of it for
     SDXL, whose first level has no attention (the editor's ``_attention_tokens``).
@@ -366,13 +377,20 @@ def auto_keyframe_window(
     (one hop of ``K`` keyframes per attention layer and step), so a look that depends on the edit's free choices
     (a colour, a texture) can drift slowly along a long video; ``anchors`` give every keyframe the same few
     global references at ``anchors * tokens_per_frame`` extra keys each, which holds it together.
+
+    Compute: each keyframe attends to ``2 K + 1 + anchors`` keyframes, so past :func:`attention_break_even`
+    keyframes the window is the widest that stays under it (at least 1): the editing loop's cost per UNet frame
+    evaluation then stays at the per-frame baseline's however long the video (benchmarks/README.md: the micro
+    model's loop-cost study). Both limits apply; the narrower window wins.
     """
     if num_keyframes < 1 or tokens_per_frame < 1:
         raise ValueError(f"num_keyframes {num_keyframes} and tokens_per_frame {tokens_per_frame} must be positive")
-    if num_keyframes * tokens_per_frame <= budget_tokens:
-        return None
-    frames = _budget_frames(tokens_per_frame, budget_tokens)
-    return max(1, (frames - 1 - anchors) // 4)
+    windows = []
+    if num_keyframes * tokens_per_frame > budget_tokens:
+        windows.append(max(1, (_budget_frames(tokens_per_frame, budget_tokens) - 1 - anchors) // 4))
+    if batch_size is not None and num_keyframes > attention_break_even(batch_size):
+        windows.append(max(1, int((attention_break_even(batch_size) - 1 - anchors) // 2)))
+    return min(windows) if windows else None
 
 
 def auto_keyframe_batch(

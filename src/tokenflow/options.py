@@ -342,6 +342,10 @@ class RunOptions(EditConfig):
         resolve_inversion(self.inversion, self.steps, self.inversion_steps, self.inversion_refinements)
         if self.check_frames < 0:
             raise InputError(f"`check_frames` {self.check_frames}: must be 0 (no check) or more")
+        if self.cache_stride not in (None, "auto"):
+            from .inversion.strided import resolve_cache_stride
+
+            resolve_cache_stride(self.cache_stride, 1, (1,), [1])  # a number >= 1
         if self.steps < 1:
             raise InputError(f"`steps` {self.steps}: must be at least 1")
         if self.batch_size < 1:
