@@ -24,6 +24,7 @@ from tokenflow.attention import (
     PropagationCall,
     TokenFlowState,
     anchor_positions,
+    attention_break_even,
     auto_keyframe_batch,
     auto_keyframe_window,
     extended_attention,
@@ -135,13 +136,39 @@ def test_auto_window_is_full_within_the_budget_and_a_window_beyond():
     assert auto_keyframe_window(125, 4096, budget_tokens=16 * 4096, anchors=3) == 3
     assert auto_keyframe_window(500, 4096, budget_tokens=4096) == 1  # never below one neighbour on each side
     assert auto_keyframe_batch(1, 4096, budget_tokens=4096) == 1
-    # the editor's defaults: SD at 512 px (64x64 latents), batch size 8
+    # the editor's defaults: SD at 512 px (64x64 latents), batch size 8: full up to 11 keyframes (compute), then a
+    # window of 4 in one call while 16 keyframes fit, then the memory window (3) in calls of 9
     config = EditConfig(prompt="p")
-    assert config.resolve_keyframe_window(128, 64 * 64) is None
+    assert config.resolve_keyframe_window(88, 64 * 64) is None
+    assert config.resolve_keyframe_window(89, 64 * 64) == 4
+    assert config.resolve_keyframe_batch(4, 64 * 64, 128) is None
     assert config.resolve_keyframe_batch(None, 64 * 64) is None
     window = config.resolve_keyframe_window(1000, 64 * 64)
-    assert (window, config.resolve_keyframe_batch(window, 64 * 64)) == (3, 9)
+    assert (window, config.resolve_keyframe_batch(window, 64 * 64, 1000)) == (3, 9)
     assert EditConfig(prompt="p", keyframe_batch="all").resolve_keyframe_batch(3, 4096) is None
+
+
+@pytest.mark.parametrize("batch_size", range(1, 17))
+@pytest.mark.parametrize("anchors", [0, 1, 2])
+def test_auto_window_keeps_keyframe_attention_within_the_per_frame_attention_it_replaces(batch_size, anchors):
+    """Per step, per-frame editing attends 3 N times within a frame; TokenFlow attends once per keyframe within
+    it (the source branch) and twice over the keyframes each keyframe sees (the edited branches), and not at all
+    for the N - N / batch_size propagated frames. With the auto window (compute only: small frames) the keyframe
+    pass's attention, counted in key frames over the groups it really runs, never passes the per-frame total."""
+    tokens = 4  # tiny frames: the memory budget never binds
+    for frames in range(batch_size, 400 * batch_size, 7 * batch_size):
+        config = EditConfig(prompt="p", batch_size=batch_size, anchors=anchors)
+        keyframes = -(-frames // batch_size)
+        window = config.resolve_keyframe_window(frames, tokens)
+        if 3 + anchors > attention_break_even(batch_size):  # no window can stay under it: memory rules alone
+            assert window is None
+            continue
+        elif window is None:
+            assert keyframes <= attention_break_even(batch_size)
+        else:  # the widest window whose keyframes (away from the ends) stay under it
+            assert 2 * (window + 1) + 1 + anchors > attention_break_even(batch_size)
+        seen = sum(len(queries) * len(keys) for queries, keys in keyframe_key_sets(keyframes, window, anchors))
+        assert keyframes + 2 * seen <= 3 * keyframes * batch_size, (frames, window)
 
 
 def test_windowed_keyframe_pass_in_the_unet(model):

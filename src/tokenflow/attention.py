@@ -379,17 +379,19 @@ def auto_keyframe_window(
     global references at ``anchors * tokens_per_frame`` extra keys each, which holds it together.
 
     Compute: each keyframe attends to ``2 K + 1 + anchors`` keyframes, so past :func:`attention_break_even`
-    keyframes the window is the widest that stays under it (at least 1): the editing loop's cost per UNet frame
-    evaluation then stays at the per-frame baseline's however long the video (benchmarks/README.md: the micro
-    model's loop-cost study). Both limits apply; the narrower window wins.
+    keyframes the window is the widest that stays under it: the editing loop's cost per UNet frame evaluation
+    then stays at the per-frame baseline's however long the video (benchmarks/README.md: the micro model's
+    loop-cost study). Where even one neighbour a side would pass it (``batch_size`` 1 or 2, or many anchors),
+    no window can, and only the memory budget applies. Both limits apply; the narrower window wins.
     """
     if num_keyframes < 1 or tokens_per_frame < 1:
         raise ValueError(f"num_keyframes {num_keyframes} and tokens_per_frame {tokens_per_frame} must be positive")
     windows = []
     if num_keyframes * tokens_per_frame > budget_tokens:
         windows.append(max(1, (_budget_frames(tokens_per_frame, budget_tokens) - 1 - anchors) // 4))
-    if batch_size is not None and num_keyframes > attention_break_even(batch_size):
-        windows.append(max(1, int((attention_break_even(batch_size) - 1 - anchors) // 2)))
+    even = None if batch_size is None else attention_break_even(batch_size)
+    if even is not None and num_keyframes > even and 3 + anchors <= even:  # (one neighbour a side must fit)
+        windows.append(int((even - 1 - anchors) // 2))
     return min(windows) if windows else None
 
 

@@ -193,7 +193,7 @@ class TokenFlowEditor:
         window = config.resolve_keyframe_window(n_frames, tokens_per_frame)
         offload = config.offload_cache if config.offload_cache is not None else model.device.type != "cpu"
         state = TokenFlowState(offload_cache=offload)
-        chunks = _KeyframePlan(window, config.anchors, config.resolve_keyframe_batch(window, tokens_per_frame))
+        chunks = _KeyframePlan(window, config.anchors, config.resolve_keyframe_batch(window, tokens_per_frame, n_frames))
         if window is not None and config.propagation != "none":
             logger.info("keyframe attention window: %d keyframes each side, %d anchors, %s keyframes per call",
                         window, config.anchors, chunks.batch or "all")

@@ -229,16 +229,21 @@ class EditConfig:
             from .attention import auto_keyframe_window
 
             keyframes = -(-num_frames // self.batch_size)
-            return auto_keyframe_window(keyframes, tokens_per_frame, anchors=self.anchors)
+            return auto_keyframe_window(keyframes, tokens_per_frame, anchors=self.anchors, batch_size=self.batch_size)
         return int(self.keyframe_window)
 
-    def resolve_keyframe_batch(self, window: int | None, tokens_per_frame: int) -> int | None:
-        """Keyframes per UNet call of the keyframe pass (``None``: all in one call; always so for full attention)."""
+    def resolve_keyframe_batch(self, window: int | None, tokens_per_frame: int,
+                               num_frames: int | None = None) -> int | None:
+        """Keyframes per UNet call of the keyframe pass (``None``: all in one call; always so for full attention,
+        and for ``auto`` while all ``num_frames``' keyframes fit one call's token budget)."""
         if window is None or self.keyframe_batch in (None, "all"):
             return None
         if self.keyframe_batch == "auto":
-            from .attention import auto_keyframe_batch
+            from .attention import DEFAULT_KEYFRAME_TOKEN_BUDGET, auto_keyframe_batch
 
+            if num_frames is not None and -(-num_frames // self.batch_size) * tokens_per_frame \
+                    <= DEFAULT_KEYFRAME_TOKEN_BUDGET:
+                return None  # a window for compute only: one call holds every keyframe, each sees exactly its window
             return auto_keyframe_batch(window, tokens_per_frame, anchors=self.anchors)
         return int(self.keyframe_batch)
 
