@@ -222,6 +222,33 @@ def test_propagation_copies_tokens_from_the_matched_keyframes_and_blends_them(mo
     assert torch.equal(out[:, 0], expected)
 
 
+def test_propagation_matches_frames_in_batches_as_it_does_one_by_one(model, monkeypatch):
+    """Small frames share one similarity product (the per-frame calls dominate there); the budget splits large ones.
+    Random tokens have no near-tie matches, so both give the same neighbours and so the same values, bit for bit."""
+    import tokenflow.attention as attention
+
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
+    attn = model.unet.get_submodule(name.rsplit(".processor", 1)[0])
+    g = torch.Generator().manual_seed(7)
+    n, length, c = 5, 24, attn.to_q.in_features
+    state = TokenFlowState()
+    state.cache.store(name, [0, 1, 2], KeyframeTokens(source_inputs=torch.randn(3, length, c, generator=g),
+                                                     outputs=torch.randn(3, 3, length, c, generator=g)))
+    hidden = torch.randn(3 * n, length, c, generator=g)
+    call = PropagationCall(prev=(0, 0, 1, 1, 2), next=(0, 1, 2, 2, 2), next_weight=(1.0, 0.5, 0.25, 0.75, 1.0))
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape[0]) or real_bmm(a, b))
+    with state.calling(call):
+        together = TokenFlowAttnProcessor(state, name)(attn, hidden)
+        assert calls == [5, 3]  # every frame's next keyframe in one product, the three blended frames' previous in one
+        monkeypatch.setattr(attention, "SIMILARITY_BUDGET", length * length)  # one frame per product
+        calls.clear()
+        alone = TokenFlowAttnProcessor(state, name)(attn, hidden)
+        assert calls == [1] * 8
+    assert torch.equal(together, alone)
+
+
 def test_a_keyframe_propagated_from_itself_gets_its_keyframe_output_back_exactly(model):
     """Why the editor may keep the keyframe pass's result for keyframes (linear blending)."""
     latents, text = _inputs(model, n=3, seed=6)

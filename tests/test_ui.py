@@ -281,6 +281,11 @@ def test_gradio_client_edit_endpoint(served, clip, monkeypatch, tmp_path):
     partial = client.predict(prompt="a car", allow_partial=True, **dict(kwargs, video=cut_video))
     assert 1 <= partial[6]["output"]["frames"] < FRAMES and partial[6]["parameters"]["allow_partial"] is True
 
+    # TokenFlow's fraction of steps (the model's default unless set; SD3/FLUX default to 0.1)
+    assert defaults["propagation_t"] is None and results[0][6]["parameters"]["propagation_t"] is None
+    fraction = client.predict(prompt="a car", propagation_t=0.5, **kwargs)
+    assert fraction[6]["parameters"]["propagation_t"] == 0.5
+
     # another model named in the request replaces the loaded one (here the same folder through a link)
     original = app.model_id
     link = tmp_path / "other-model"

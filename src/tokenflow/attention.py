@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .correspondence import consecutive_runs, gather_tokens, nearest_neighbors
+from .correspondence import consecutive_runs, gather_tokens, unit_rows
 
 __all__ = [
     "NUM_BRANCHES",
@@ -477,6 +477,11 @@ class TokenFlowAttnProcessor:
         return propagated_tokens(self.state.cache, self.name, hidden_states, call)
 
 
+# Similarity values one batched product may hold (float32: 64 MiB). At 512 px a frame's [4096, 4096] similarities
+# are 16 M, so frames go one at a time; small frames go together, saving the per-frame calls that dominate there.
+SIMILARITY_BUDGET = 2**24
+
+
 def propagated_tokens(cache: KeyframeCache, name: str, inputs: torch.Tensor, call: PropagationCall) -> torch.Tensor:
     """A propagation call's attention outputs of layer ``name``: for each frame, the stored keyframe outputs (all
     branches) gathered along the nearest neighbours of its source-branch ``inputs`` ``[3n, L, C]`` among the
@@ -485,23 +490,33 @@ def propagated_tokens(cache: KeyframeCache, name: str, inputs: torch.Tensor, cal
     n = total // NUM_BRANCHES
     if len(call.prev) != n:
         raise RuntimeError(f"a propagation call of {len(call.prev)} frames got a denoiser call of {n}")
-    source = inputs[:n]  # correspondences come from the source video only
     # bring over only the keyframes this batch blends, renumbered in that subset
     needed = sorted(set(call.next) | set(call.prev))
     stored = cache.fetch(name, needed, inputs.device)
     local = {j: i for i, j in enumerate(needed)}
-    result = []
-    for f in range(n):  # one frame at a time bounds the [L, L] similarity matrix
-        j_next, j_prev, w = local[call.next[f]], local[call.prev[f]], call.next_weight[f]
-        nn_next = nearest_neighbors(source[f : f + 1], stored.source_inputs[j_next : j_next + 1])
-        out = gather_tokens(stored.outputs[:, j_next : j_next + 1], nn_next)
-        if j_prev != j_next or w != 1.0:
-            nn_prev = nearest_neighbors(source[f : f + 1], stored.source_inputs[j_prev : j_prev + 1])
-            prev = gather_tokens(stored.outputs[:, j_prev : j_prev + 1], nn_prev)
-            weight = torch.tensor(w, dtype=torch.float32, device=out.device)
-            out = (weight * out.float() + (1 - weight) * prev.float()).to(out.dtype)
-        result.append(out)
-    return torch.cat(result, dim=1).reshape(total, length, -1)
+    queries = unit_rows(inputs[:n])  # correspondences come from the source video only
+    keys = unit_rows(stored.source_inputs)
+    out = _nearest_tokens(stored.outputs, queries, keys, [local[j] for j in call.next])
+    blended = [f for f in range(n) if call.prev[f] != call.next[f] or call.next_weight[f] != 1.0]
+    if blended:
+        prev = _nearest_tokens(stored.outputs, queries[blended], keys, [local[call.prev[f]] for f in blended])
+        weight = torch.tensor([call.next_weight[f] for f in blended], dtype=torch.float32,
+                              device=out.device).view(1, -1, 1, 1)
+        out[:, blended] = (weight * out[:, blended].float() + (1 - weight) * prev.float()).to(out.dtype)
+    return out.reshape(total, length, -1)
+
+
+def _nearest_tokens(outputs: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, which: list[int]) -> torch.Tensor:
+    """``outputs`` ``[B, K, M, C]`` of keyframe ``which[f]`` gathered at the nearest neighbours of frame ``f``'s unit
+    ``queries`` ``[n, L, C]`` among its unit ``keys`` ``[K, M, C]`` -> ``[B, n, L, C]``; frames in batches of
+    :data:`SIMILARITY_BUDGET` similarity values."""
+    per_frame = max(1, SIMILARITY_BUDGET // (queries.shape[1] * keys.shape[1]))
+    parts = []
+    for start in range(0, len(which), per_frame):
+        rows = which[start : start + per_frame]
+        nearest = torch.bmm(queries[start : start + per_frame], keys[rows].transpose(1, 2)).argmax(dim=-1)
+        parts.append(gather_tokens(outputs[:, rows], nearest))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _conv_injection_hook(state: TokenFlowState):

@@ -14,6 +14,7 @@ __all__ = [
     "consecutive_runs",
     "nearest_neighbors",
     "cosine_similarity",
+    "unit_rows",
     "gather_tokens",
     "linear_neighbors",
     "reference_neighbors",
@@ -30,14 +31,16 @@ def nearest_neighbors(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
     return cosine_similarity(queries, keys).argmax(dim=-1)
 
 
+def unit_rows(tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens`` in float32, each divided by its L2 norm (no epsilon, as the reference)."""
+    x = tokens.float()
+    return x / x.norm(dim=-1, keepdim=True)
+
+
 def cosine_similarity(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """``[n, L, M]`` float32 cosine similarity of every query token with every key token of its frame (the measure
     :func:`nearest_neighbors` maximises): ``queries`` ``[n, L, C]``, ``keys`` ``[n, M, C]``."""
-    q = queries.float()
-    k = keys.float()
-    q = q / q.norm(dim=-1, keepdim=True)
-    k = k / k.norm(dim=-1, keepdim=True)
-    return torch.bmm(q, k.transpose(1, 2))
+    return torch.bmm(unit_rows(queries), unit_rows(keys).transpose(1, 2))
 
 
 def gather_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,7 @@ FIELD_LABELS = {
     "keyframe_batch": "Keyframe batch",
     "anchors": "Anchors",
     "allow_partial": "“Use the frames that decode”",
-    "propagation_t": "--propagation-t (command line only)",
+    "propagation_t": "TokenFlow steps fraction",
     "controlnet": "ControlNet",
     "control": "Control maps",
     "canny_low": "Canny low",
@@ -600,6 +600,9 @@ def build_ui(app: EditorApp):
                     with gr.Row():
                         keyframe_window = gr.Textbox(defaults.keyframe_window, label="Keyframe window (auto, full, K)")
                         anchors = gr.Number(defaults.anchors, label="Anchors", precision=0, minimum=0)
+                    propagation_t = gr.Number(None, label="TokenFlow steps fraction (empty or 0: the model's; 1 for "
+                                              "SD/SDXL, 0.1 for SD3/FLUX)", minimum=0, maximum=1,
+                                              elem_id="tf-propagation-t")
                     controlnet = gr.Textbox("", label="ControlNet id or folder (mode controlnet)",
                                             elem_id="tf-controlnet")
                     with gr.Row():
@@ -704,6 +707,7 @@ def build_ui(app: EditorApp):
             canny_high: int = defaults.canny_high,
             depth_model: str = "",
             model: str = app.model_id,
+            propagation_t: float | None = None,
             request: gr.Request = None,
             progress=gr.Progress(),
         ):
@@ -725,6 +729,7 @@ def build_ui(app: EditorApp):
                     propagation=propagation, strength=_unset(strength, float), max_frames=_unset(max_frames, int),
                     allow_partial=bool(allow_partial), evaluate=bool(evaluate), blending=blending, keyframes=keyframes,
                     keyframe_window=str(keyframe_window or "auto").strip(),
+                    propagation_t=_unset(propagation_t, float),
                     controlnet=(controlnet or "").strip() or None,
                     control=control, depth_model=(depth_model or "").strip() or None, model=model,
                     **{k: (int(v) if k not in ("guidance_scale", "pnp_attn_t", "pnp_f_t", "controlnet_scale")
@@ -754,7 +759,7 @@ def build_ui(app: EditorApp):
         edit_inputs = [video, prompt, negative_prompt, inversion_prompt, mode, steps, inversion_steps, guidance_scale,
                        batch_size, size, propagation, strength, seed, start, stride, max_frames, allow_partial, evaluate,
                        baseline, pnp_attn_t, pnp_f_t, blending, keyframes, keyframe_window, anchors, controlnet,
-                       control, controlnet_scale, canny_low, canny_high, depth_model, model]
+                       control, controlnet_scale, canny_low, canny_high, depth_model, model, propagation_t]
         running = run.click(edit, inputs=edit_inputs, outputs=outputs, api_name="edit", concurrency_id="device",
                             concurrency_limit=1, show_progress_on=[edited])
         running.success(lambda: (app.gallery(), app.model_status(), app.model_id), outputs=[gallery, model_line, model],
