@@ -45,6 +45,7 @@ def _model_and_frames(name: str, work: Path, frames: int):
     import torch
 
     from bench_edit import MICRO_DIR, micro_clip, pan_clip
+    from common import MID_KWARGS
     from tokenflow.models import load_model
     from tokenflow.testing import build_tiny_sd
 
@@ -57,7 +58,7 @@ def _model_and_frames(name: str, work: Path, frames: int):
             if name == "tiny":
                 build_tiny_sd(path)
             else:
-                build_tiny_sd(path, block_out_channels=(64, 128), cross_attention_dim=64)
+                build_tiny_sd(path, **MID_KWARGS)  # the mid model of bench_edit.py
         clip = pan_clip(frames, 128, 4)
     return load_model(str(path), device="cpu", dtype="float32"), torch.from_numpy(clip), path
 
@@ -134,7 +135,8 @@ def tables(results: dict) -> str:
         if entry.get("end_to_end"):
             lines += ["", "| first edit, end to end | wall (s) | inversion + check (s) | edit (s) | PSNR (dB) |",
                       "|---|---:|---:|---:|---:|"]
-            lines += [f"| {r['scheme']} | {r['seconds']:.2f} | {r['inversion_seconds']:.2f} | {r['edit_seconds']:.2f} |"
+            lines += [f"| {r['scheme']} | {r['seconds']:.2f} | {r['inversion_seconds']:.2f} | "
+                      f"{'n/a' if r['edit_seconds'] is None else format(r['edit_seconds'], '.2f')} |"
                       f" {r['psnr']:.2f} |" for r in entry["end_to_end"]]
         lines.append("")
     return "\n".join(lines)
