@@ -107,7 +107,8 @@ class StridedTimesteps(Mapping):
         self.model, self.cond, self.grid, self.refinements = model, cond, list(grid), refinements
         first = self.stored[self.save[-1]]
         self._shape = tuple(first.shape)
-        self._columns = {t: self.stored.get(t) or _RecomputedColumn(self, t, self._shape, first) for t in self.save}
+        self._columns = {t: self.stored[t] if t in self.stored else _RecomputedColumn(self, t, self._shape, first)
+                         for t in self.save}
         self._scratch_root = Path(scratch) if scratch is not None else None
         self._folder: Path | None = None
         self._block: dict[int, DiskTensor] = {}
