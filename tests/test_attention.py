@@ -241,12 +241,29 @@ def test_propagation_matches_frames_in_batches_as_it_does_one_by_one(model, monk
     monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape[0]) or real_bmm(a, b))
     with state.calling(call):
         together = TokenFlowAttnProcessor(state, name)(attn, hidden)
-        assert calls == [5, 3]  # every frame's next keyframe in one product, the three blended frames' previous in one
-        monkeypatch.setattr(attention, "SIMILARITY_BUDGET", length * length)  # one frame per product
+        assert calls == [5]  # every frame against both its keyframes in one product
+        monkeypatch.setattr(attention, "SIMILARITY_BUDGET", 2 * length * length)  # one frame per product
         calls.clear()
         alone = TokenFlowAttnProcessor(state, name)(attn, hidden)
-        assert calls == [1] * 8
+        assert calls == [1] * 5
     assert torch.equal(together, alone)
+
+
+def test_first_argmax_is_argmax_with_its_ties_and_nans():
+    """The blocked search must pick what ``argmax`` picks: the first maximum, whichever block it lies in."""
+    from tokenflow.correspondence import first_argmax
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 50, 256, generator=g)
+    x[0, :, 200] = 9.0  # one late maximum
+    x[1, :, [5, 40, 41, 255]] = 9.0  # ties inside a block and across blocks: the first one wins
+    x[2, :7] = 0.0  # a constant row: index 0
+    x[2, 7:9, [100, 17]] = float("nan")  # NaN counts as the largest, the first one wins
+    x[2, 9:11, [250, 31]] = float("inf")
+    coarse = x.half().float()  # many exact ties between unrelated values
+    for y in (x, coarse, x[..., :96], x[..., :100]):  # 96 and 100 wide: argmax itself
+        assert torch.equal(first_argmax(y), y.argmax(dim=-1))
+    assert first_argmax(x)[1].unique().tolist() == [5] and first_argmax(x)[2, 7:11].tolist() == [17, 17, 31, 31]
 
 
 def test_a_keyframe_propagated_from_itself_gets_its_keyframe_output_back_exactly(model):

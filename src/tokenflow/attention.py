@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .correspondence import consecutive_runs, gather_tokens, unit_rows
+from .correspondence import consecutive_runs, first_argmax, unit_rows
 
 __all__ = [
     "NUM_BRANCHES",
@@ -477,8 +477,9 @@ class TokenFlowAttnProcessor:
         return propagated_tokens(self.state.cache, self.name, hidden_states, call)
 
 
-# Similarity values one batched product may hold (float32: 64 MiB). At 512 px a frame's [4096, 4096] similarities
-# are 16 M, so frames go one at a time; small frames go together, saving the per-frame calls that dominate there.
+# Similarity values one batched product may hold (float32: 64 MiB). At 512 px a frame's [4096, 2 x 4096]
+# similarities are 32 M, so frames go one at a time; small frames go together, saving the per-frame calls that
+# dominate there.
 SIMILARITY_BUDGET = 2**24
 
 
@@ -494,29 +495,38 @@ def propagated_tokens(cache: KeyframeCache, name: str, inputs: torch.Tensor, cal
     needed = sorted(set(call.next) | set(call.prev))
     stored = cache.fetch(name, needed, inputs.device)
     local = {j: i for i, j in enumerate(needed)}
+    blend = any(p != q or w != 1.0 for p, q, w in zip(call.prev, call.next, call.next_weight))
+    # each frame's keyframes as columns (previous, next), or the next alone when no frame blends
+    pairs = [(local[p], local[q]) if blend else (local[q],) for p, q in zip(call.prev, call.next)]
+    which = torch.tensor(pairs, device=inputs.device)  # [n, columns]
     queries = unit_rows(inputs[:n])  # correspondences come from the source video only
-    keys = unit_rows(stored.source_inputs)
-    out = _nearest_tokens(stored.outputs, queries, keys, [local[j] for j in call.next])
-    blended = [f for f in range(n) if call.prev[f] != call.next[f] or call.next_weight[f] != 1.0]
-    if blended:
-        prev = _nearest_tokens(stored.outputs, queries[blended], keys, [local[call.prev[f]] for f in blended])
-        weight = torch.tensor([call.next_weight[f] for f in blended], dtype=torch.float32,
-                              device=out.device).view(1, -1, 1, 1)
-        out[:, blended] = (weight * out[:, blended].float() + (1 - weight) * prev.float()).to(out.dtype)
-    return out.reshape(total, length, -1)
+    nearest = _nearest_tokens(queries, unit_rows(stored.source_inputs), which)
+    keyframes, width = stored.outputs.shape[1:3]
+    flat = (which.unsqueeze(1) * width + nearest).view(-1)  # rows of the keyframes' tokens laid end to end
+    picked = stored.outputs.reshape(NUM_BRANCHES, keyframes * width, -1).index_select(1, flat)
+    picked = picked.view(NUM_BRANCHES, n, length, which.shape[1], -1)
+    if not blend:
+        return picked.reshape(total, length, -1)
+    weight = torch.tensor(call.next_weight, dtype=torch.float32, device=inputs.device).view(1, n, 1, 1)
+    # exactly the next (previous) keyframe's token where the weight is 1 (0)
+    out = weight * picked[:, :, :, 1].float() + (1 - weight) * picked[:, :, :, 0].float()
+    return out.to(stored.outputs.dtype).reshape(total, length, -1)
 
 
-def _nearest_tokens(outputs: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, which: list[int]) -> torch.Tensor:
-    """``outputs`` ``[B, K, M, C]`` of keyframe ``which[f]`` gathered at the nearest neighbours of frame ``f``'s unit
-    ``queries`` ``[n, L, C]`` among its unit ``keys`` ``[K, M, C]`` -> ``[B, n, L, C]``; frames in batches of
-    :data:`SIMILARITY_BUDGET` similarity values."""
-    per_frame = max(1, SIMILARITY_BUDGET // (queries.shape[1] * keys.shape[1]))
+def _nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """For frame ``f``'s unit ``queries`` ``[n, L, C]``, the index of the nearest of keyframe ``which[f, c]``'s unit
+    ``keys`` ``[K, M, C]`` for every column ``c`` -> ``[n, L, columns]``: each frame's keyframes in one product,
+    frames in batches of :data:`SIMILARITY_BUDGET` similarity values."""
+    n, length, channels = queries.shape
+    columns, width = which.shape[1], keys.shape[1]
+    per_batch = max(1, SIMILARITY_BUDGET // (length * columns * width))
     parts = []
-    for start in range(0, len(which), per_frame):
-        rows = which[start : start + per_frame]
-        nearest = torch.bmm(queries[start : start + per_frame], keys[rows].transpose(1, 2)).argmax(dim=-1)
-        parts.append(gather_tokens(outputs[:, rows], nearest))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    for start in range(0, n, per_batch):
+        rows = which[start : start + per_batch]
+        frame_keys = keys[rows].view(len(rows), columns * width, channels)
+        similarity = torch.bmm(queries[start : start + per_batch], frame_keys.transpose(1, 2))
+        parts.append(first_argmax(similarity.view(len(rows), length, columns, width)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _conv_injection_hook(state: TokenFlowState):
