@@ -4,6 +4,10 @@ Every UNet call made by the editor carries three branches stacked on the batch a
 
     [ source (x_t^src, inversion prompt) | uncond (edited, negative prompt) | cond (edited, target prompt) ]
 
+or two for a guidance-distilled model, which takes the guidance scale as an input and has no unconditional
+branch: ``[ source | cond ]`` (:attr:`TokenFlowState.branches`). Row block 0 is always the source; every block after
+it is an edited branch.
+
 The processors replace the self-attention (``attn1``) of every transformer block and read one
 :class:`TokenFlowState`, owned by the editor and reset per edit. Each UNet call is described by one immutable value
 (:class:`FrameCall`, :class:`KeyframeCall` or :class:`PropagationCall`, each with the step's PnP
@@ -48,7 +52,7 @@ __all__ = [
     "tokenflow_attention",
 ]
 
-NUM_BRANCHES = 3  # source, uncond, cond
+NUM_BRANCHES = 3  # source, uncond, cond (the default layout; TokenFlowState.branches)
 SOURCE = 0
 
 
@@ -215,6 +219,8 @@ class TokenFlowState:
 
     cache: KeyframeCache = field(default_factory=KeyframeCache)
     offload_cache: bool = False
+    # row blocks of every call: the source and the edited branches (3: uncond and cond; 2: cond alone)
+    branches: int = NUM_BRANCHES
     call: Call | None = None
     # ``observe(name, inputs, outputs)``: shown every self-attention layer's input tokens (after the block's norm)
     # and output tokens (after ``to_out``) of a frame or keyframe call, all branches; the feature analysis reads them
@@ -432,15 +438,16 @@ class TokenFlowAttnProcessor:
     def _attention(self, attn, hidden_states: torch.Tensor, call: FrameCall | KeyframeCall) -> torch.Tensor:
         state = self.state
         total, length, _ = hidden_states.shape
-        n = total // NUM_BRANCHES
+        branches = state.branches
+        n = total // branches
         residual = hidden_states
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         if call.inject.qk and self.inject_qk:
             # Plug-and-Play: the edited branches take the source branch's queries and keys (values kept).
-            q = q[:n].repeat(NUM_BRANCHES, 1, 1)
-            k = k[:n].repeat(NUM_BRANCHES, 1, 1)
+            q = q[:n].repeat(branches, 1, 1)
+            k = k[:n].repeat(branches, 1, 1)
         q, k, v = (_split_heads(x, attn.heads) for x in (q, k, v))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
@@ -451,12 +458,12 @@ class TokenFlowAttnProcessor:
             raise RuntimeError(f"{call} describes {len(call.positions)} frames, the UNet call has {n}")
         if keyframes and n > 1:
             per_frame = F.scaled_dot_product_attention(q[:n], k[:n], v[:n])  # the source branch stays per frame
-            shape = (NUM_BRANCHES - 1, n) + q.shape[1:]
+            shape = (branches - 1, n) + q.shape[1:]
             joint = windowed_extended_attention(
                 q[n:].view(shape), k[n:].view(shape), v[n:].view(shape), call.window, call.anchors,
                 call.positions, call.num_keyframes,
             )
-            out = torch.cat([per_frame, joint.reshape((NUM_BRANCHES - 1) * n, *q.shape[1:])])
+            out = torch.cat([per_frame, joint.reshape((branches - 1) * n, *q.shape[1:])])
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(total, length, -1).to(q.dtype)
@@ -468,7 +475,7 @@ class TokenFlowAttnProcessor:
             state.observe(self.name, hidden_states, out)
         if keyframes and call.store:
             rows = list(call.store)
-            tokens = KeyframeTokens(source_inputs=hidden_states[:n], outputs=out.view(NUM_BRANCHES, n, length, -1))
+            tokens = KeyframeTokens(source_inputs=hidden_states[:n], outputs=out.view(branches, n, length, -1))
             state.cache.store(self.name, [call.positions[r] for r in rows], tokens, rows=rows,
                               offload=state.offload_cache)
         return out
@@ -485,12 +492,13 @@ SIMILARITY_BUDGET = 2**24
 
 def propagated_tokens(cache: KeyframeCache, name: str, inputs: torch.Tensor, call: PropagationCall) -> torch.Tensor:
     """A propagation call's attention outputs of layer ``name``: for each frame, the stored keyframe outputs (all
-    branches) gathered along the nearest neighbours of its source-branch ``inputs`` ``[3n, L, C]`` among the
-    keyframes' source inputs, previous and next keyframe blended by the call's weights."""
+    branches) gathered along the nearest neighbours of its source-branch ``inputs`` ``[branches * n, L, C]`` (the
+    source's ``n`` rows first) among the keyframes' source inputs, previous and next keyframe blended by the
+    call's weights."""
     total, length, _ = inputs.shape
-    n = total // NUM_BRANCHES
-    if len(call.prev) != n:
-        raise RuntimeError(f"a propagation call of {len(call.prev)} frames got a denoiser call of {n}")
+    n = len(call.prev)
+    if total % n:
+        raise RuntimeError(f"a propagation call of {n} frames got a denoiser call of {total} rows")
     # bring over only the keyframes this batch blends, renumbered in that subset
     needed = sorted(set(call.next) | set(call.prev))
     stored = cache.fetch(name, needed, inputs.device)
@@ -501,10 +509,12 @@ def propagated_tokens(cache: KeyframeCache, name: str, inputs: torch.Tensor, cal
     which = torch.tensor(pairs, device=inputs.device)  # [n, columns]
     queries = unit_rows(inputs[:n])  # correspondences come from the source video only
     nearest = _nearest_tokens(queries, unit_rows(stored.source_inputs), which)
-    keyframes, width = stored.outputs.shape[1:3]
+    branches, keyframes, width = stored.outputs.shape[:3]
+    if branches * n != total:
+        raise RuntimeError(f"layer {name}: keyframes stored with {branches} branches, a call of {total // n}")
     flat = (which.unsqueeze(1) * width + nearest).view(-1)  # rows of the keyframes' tokens laid end to end
-    picked = stored.outputs.reshape(NUM_BRANCHES, keyframes * width, -1).index_select(1, flat)
-    picked = picked.view(NUM_BRANCHES, n, length, which.shape[1], -1)
+    picked = stored.outputs.reshape(branches, keyframes * width, -1).index_select(1, flat)
+    picked = picked.view(branches, n, length, which.shape[1], -1)
     if not blend:
         return picked.reshape(total, length, -1)
     weight = torch.tensor(call.next_weight, dtype=torch.float32, device=inputs.device).view(1, n, 1, 1)
@@ -536,8 +546,8 @@ def _conv_injection_hook(state: TokenFlowState):
     def hook(module, args, output):
         if state.call is None or not state.call.inject.residual:
             return None
-        n = output.shape[0] // NUM_BRANCHES
-        return output[:n].repeat(NUM_BRANCHES, 1, 1, 1)
+        n = output.shape[0] // state.branches
+        return output[:n].repeat(state.branches, 1, 1, 1)
 
     return hook
 

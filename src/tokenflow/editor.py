@@ -192,7 +192,7 @@ class TokenFlowEditor:
         tokens_per_frame = model.attention_tokens(source.clean.shape[2], source.clean.shape[3])
         window = config.resolve_keyframe_window(n_frames, tokens_per_frame)
         offload = config.offload_cache if config.offload_cache is not None else model.device.type != "cpu"
-        state = TokenFlowState(offload_cache=offload)
+        state = TokenFlowState(offload_cache=offload, branches=model.branches)
         chunks = _KeyframePlan(window, config.anchors, config.resolve_keyframe_batch(window, tokens_per_frame, n_frames))
         if window is not None and config.propagation != "none":
             logger.info("keyframe attention window: %d keyframes each side, %d anchors, %s keyframes per call",
@@ -379,13 +379,15 @@ def _check_keyframes(keyframes: list[int], n_frames: int, config: EditConfig) ->
 
 
 class _StepRunner:
-    """One UNet call on a set of frames in the three-branch layout, then CFG and the DDIM step."""
+    """One denoiser call on a set of frames in the branch layout (source, edited branches), then guidance and the
+    step."""
 
     def __init__(self, model: Backbone, alphas, alpha_next: dict, texts: TextConditioning,
                  guidance: float, state: TokenFlowState, conditioner=None):
         self.model = model
         self.alphas, self.alpha_next = alphas, alpha_next
-        self.texts = texts  # 3 rows: inversion prompt (source), negative prompt (uncond), target prompt (cond)
+        self.texts = texts  # 3 rows: inversion prompt (source), negative prompt (uncond), target prompt (cond);
+        # a guidance-distilled model (state.branches 2) uses rows 0 and 2
         self.guidance = guidance
         self.state = state
         self.conditioner = conditioner  # the mode's extra conditioning (ControlNet residuals), or None
@@ -403,16 +405,19 @@ class _StepRunner:
         n = len(frames)
         if isinstance(call, KeyframeCall) and call.store:
             self.max_keyframes_per_call = max(self.max_keyframes_per_call, n)
-        latents = torch.cat([src_t[frames], x[frames], x[frames]]).to(model.device, model.dtype)
-        text = self.texts.rows(torch.arange(NUM_BRANCHES).repeat_interleave(n))  # branch-major, n frames each
+        branches = self.state.branches
+        latents = torch.cat([src_t[frames]] + [x[frames]] * (branches - 1)).to(model.device, model.dtype)
+        prompts = torch.tensor([0, 1, 2] if branches == NUM_BRANCHES else [0, 2])  # uncond's prompt only for CFG
+        text = self.texts.rows(prompts.repeat_interleave(n))  # branch-major, n frames each
         extra = self.conditioner(latents, text, frames, t) if self.conditioner is not None else {}
         extra.update(model.branch_kwargs(self.guidance, n))
         with self.state.calling(call):
             pred = model.predict(latents, t, text, **extra)
-        self.frame_evaluations += NUM_BRANCHES * n
-        _, uncond, cond = pred.chunk(NUM_BRANCHES)
-        if model.classifier_free_guidance:
-            guided = (uncond + self.guidance * (cond - uncond)).cpu()  # classifier-free guidance on the raw outputs
+        self.frame_evaluations += branches * n
+        outputs = pred.chunk(branches)
+        cond = outputs[-1]
+        if model.classifier_free_guidance:  # classifier-free guidance on the raw outputs
+            guided = (outputs[1] + self.guidance * (cond - outputs[1])).cpu()
         else:  # guidance-distilled: the scale went in as an input (branch_kwargs)
             guided = cond.cpu()
         current = x[frames]

@@ -1,7 +1,7 @@
 """TokenFlow on the joint (text + image) attention of diffusion transformers: SD3's MMDiT blocks and FLUX.1's
 double- and single-stream blocks.
 
-The three-branch batch layout and the call descriptions are those of :mod:`tokenflow.attention`; what differs is
+The branch layout and the call descriptions are those of :mod:`tokenflow.attention`; what differs is
 that every frame carries text tokens besides its image tokens in the same attention. The mechanism acts on the
 image tokens only:
 
@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from .attention import (
-    NUM_BRANCHES,
     FrameCall,
     KeyframeCall,
     KeyframeTokens,
@@ -67,13 +66,14 @@ class JointTokenFlowProcessor:
             return self._default(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         image, text = self._streams(hidden_states, encoder_hidden_states)
         q, k, v = self._projections(attn, image, text, image_rotary_emb)  # [B, heads, S, d], family order
-        n = image.shape[0] // NUM_BRANCHES
+        branches = self.state.branches
+        n = image.shape[0] // branches
         length = image.shape[1]
         img = self._image_slice(q.shape[2], length)
         if call.inject.qk and self.inject_qk:  # PnP: the source's image queries and keys in the edited branches
             q, k = q.clone(), k.clone()
-            q[n:, :, img] = q[:n, :, img].repeat(NUM_BRANCHES - 1, 1, 1, 1)
-            k[n:, :, img] = k[:n, :, img].repeat(NUM_BRANCHES - 1, 1, 1, 1)
+            q[n:, :, img] = q[:n, :, img].repeat(branches - 1, 1, 1, 1)
+            k[n:, :, img] = k[:n, :, img].repeat(branches - 1, 1, 1, 1)
         txt = self._text_slice(img, q.shape[2])
         attend = F.scaled_dot_product_attention
         if isinstance(call, KeyframeCall) and len(call.positions) != n:
@@ -82,14 +82,14 @@ class JointTokenFlowProcessor:
             image_att, text_att = None, attend(q[:, :, txt], k, v)
         elif isinstance(call, KeyframeCall) and n > 1:
             source = attend(q[:n], k[:n], v[:n])  # the source branch stays per frame
-            shape = (NUM_BRANCHES - 1, n) + q.shape[1:2]
+            shape = (branches - 1, n) + q.shape[1:2]
             joint = windowed_extended_attention(
                 q[n:, :, img].reshape(*shape, length, q.shape[-1]),
                 k[n:].reshape(*shape, k.shape[2], k.shape[-1]),
                 v[n:].reshape(*shape, v.shape[2], v.shape[-1]),
                 call.window, call.anchors, call.positions, call.num_keyframes,
             )
-            image_att = torch.cat([source[:, :, img], joint.reshape((NUM_BRANCHES - 1) * n, *joint.shape[2:])])
+            image_att = torch.cat([source[:, :, img], joint.reshape((branches - 1) * n, *joint.shape[2:])])
             text_att = torch.cat([source[:, :, txt], attend(q[n:, :, txt], k[n:], v[n:])])  # text: per frame
         else:
             every = attend(q, k, v)  # every frame on its own tokens
@@ -99,7 +99,7 @@ class JointTokenFlowProcessor:
             image_out = propagated_tokens(self.state.cache, self.name, image, call).to(image.dtype)
         elif isinstance(call, KeyframeCall) and call.store:
             rows = list(call.store)
-            tokens = KeyframeTokens(source_inputs=image[:n], outputs=image_out.view(NUM_BRANCHES, n, length, -1))
+            tokens = KeyframeTokens(source_inputs=image[:n], outputs=image_out.view(branches, n, length, -1))
             self.state.cache.store(self.name, [call.positions[r] for r in rows], tokens, rows=rows,
                                    offload=self.state.offload_cache)
         if self.state.observe is not None and not isinstance(call, PropagationCall):

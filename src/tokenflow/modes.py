@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import NUM_BRANCHES, Injection
+from .attention import Injection
 from .backbones import Backbone, TextConditioning
 from .control import to_control_tensor
 from .errors import InputError
@@ -83,8 +83,8 @@ class ControlNetMode(Mode):
 
 
 class ControlNetConditioner:
-    """ControlNet residuals for the edited branches (uncond, cond) of a three-branch UNet call; zeros for the
-    source branch, which must stay the source's own."""
+    """ControlNet residuals for the edited branches (uncond, cond) of a UNet call; zeros for the source branch,
+    which must stay the source's own."""
 
     def __init__(self, model: Backbone, controlnet, control, scale: float):
         self.model, self.controlnet, self.control, self.scale = model, controlnet, control, scale
@@ -94,8 +94,9 @@ class ControlNetConditioner:
         image = self.control[frames]
         if not isinstance(image, torch.Tensor):  # uint8 maps [n, H, W, 3] (a FrameStore)
             image = to_control_tensor(image)
-        image = image.to(self.model.device, self.controlnet.dtype).repeat(NUM_BRANCHES - 1, 1, 1, 1)
-        edited = text.rows(list(range(n, NUM_BRANCHES * n)))
+        branches = latents.shape[0] // n
+        image = image.to(self.model.device, self.controlnet.dtype).repeat(branches - 1, 1, 1, 1)
+        edited = text.rows(list(range(n, branches * n)))
         down, mid = self.controlnet(
             latents[n:].to(self.controlnet.dtype),
             t,

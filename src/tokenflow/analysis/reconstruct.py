@@ -84,7 +84,7 @@ def reconstruct_from_tokens(
     with model.lock:
         # guidance 0 keeps the unconditional branch alone: every branch is the inversion prompt's plain denoising
         texts = model.condition([prompt] * 3, height=h * factor, width=w * factor)
-        state = TokenFlowState()
+        state = TokenFlowState(branches=model.branches)
         levels, final = model.noise_levels(scheduler)
         run = _StepRunner(model, levels, next_alphas(scheduler, levels, final), texts, 0.0, state)
         bar = Tracker("denoising", len(timesteps) * len(frames), progress, cancel)

@@ -156,8 +156,8 @@ class Backbone(ABC):
         return implied_noise(x, x0, level)
 
     def branch_kwargs(self, guidance: float, frames: int) -> dict:
-        """Extra denoiser inputs of a three-branch call of ``frames`` frames a branch (FLUX's guidance embedding);
-        none for classifier-free-guided families."""
+        """Extra denoiser inputs of an editing call of :attr:`branches` blocks of ``frames`` frames (FLUX's
+        guidance embedding); none for classifier-free-guided families."""
         return {}
 
     #: fraction of the editing steps (noisiest first) run with TokenFlow when the user does not say (the rest per
@@ -167,6 +167,13 @@ class Backbone(ABC):
     #: whether the edit mixes an unconditional and a conditional prediction (classifier-free guidance); a
     #: guidance-distilled family (FLUX.1) takes the scale as an input instead and its conditional branch is used
     classifier_free_guidance: bool = True
+
+    @property
+    def branches(self) -> int:
+        """Row blocks of an editing call, ``n`` frames each: the source, then the unconditional and conditional
+        edits (classifier-free guidance), or the conditional edit alone (guidance-distilled: an unconditional
+        branch would be computed and never used)."""
+        return 3 if self.classifier_free_guidance else 2
 
     @abstractmethod
     def make_scheduler(self, latent_size: tuple[int, int] | None = None):

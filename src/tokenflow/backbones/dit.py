@@ -202,7 +202,7 @@ class FluxModel(FlowTransformerModel):
         user's scale."""
         if not self.guidance_embedded:
             return {}
-        scale = [INVERSION_GUIDANCE] * frames + [float(guidance)] * (2 * frames)
+        scale = [INVERSION_GUIDANCE] * frames + [float(guidance)] * ((self.branches - 1) * frames)
         return {"guidance": torch.tensor(scale)}
 
     def predict(self, latents: torch.Tensor, t, cond: TextConditioning, guidance=None, **extra) -> torch.Tensor:
