@@ -98,9 +98,9 @@ def features_video(
         work = staging / ".work"
         editor, frames, info, timings = _prepare(options, editor, lambda: work)
         model = editor.model
-        timestep = resolve_timestep(model, options.steps, options.timestep)
         height, width = frames.shape[1:3]
         factor = model.vae_scale_factor
+        timestep = resolve_timestep(model, options.steps, options.timestep, (height // factor, width // factor))
         layer = _layer(model, options, height // factor, width // factor)
         row = options.row if options.row is not None else height // 2
         if row >= height:
@@ -216,9 +216,11 @@ def reconstruct_video(
                 raise InputError(f"`sweep` needs a clip of 2 frames or more; {options.video} has {n}")
         else:
             targets = [i + 1 if options.to_frame is None else options.to_frame]
-        check_frames(n, i, targets)  # before the inversion: an out-of-range frame costs nothing
+        check_frames(n, i, targets)  # before the inversion: an out-of-range frame or timestep costs nothing
+        factor = model.vae_scale_factor
+        timestep = resolve_timestep(model, options.steps, options.timestep,
+                                    (frames.shape[1] // factor, frames.shape[2] // factor))
         source, _ = _invert(editor, frames, options, timings, progress, cancel)
-        timestep = resolve_timestep(model, options.steps, options.timestep)
         layer = _layer(model, options, *source.clean.shape[2:])
         modes = ("tokens", "warp") if options.reconstruction == "both" else (options.reconstruction,)
         points = [dict(to=j, distance=abs(j - i)) for j in targets]

@@ -157,17 +157,19 @@ def default_layer(model: Backbone, layers: Sequence[AttentionLayer]) -> str:
     return next(layer.name for layer in candidates if layer.tokens == best)
 
 
-def editing_timesteps(model: Backbone, steps: int) -> list[int]:
-    """The editing schedule of ``steps`` steps, noisiest first (the timesteps an inversion saves)."""
-    scheduler = model.make_scheduler()
+def editing_timesteps(model: Backbone, steps: int, latent_size: tuple[int, int] | None = None) -> list[int]:
+    """The editing schedule of ``steps`` steps, noisiest first (the timesteps an inversion saves); ``latent_size``:
+    the latents' (h, w), which FLUX's schedule shifts with."""
+    scheduler = model.make_scheduler(latent_size)
     scheduler.set_timesteps(steps)
     return [int(t) for t in scheduler.timesteps]
 
 
-def resolve_timestep(model: Backbone, steps: int, timestep: int | None) -> int:
-    """``timestep`` if the ``steps``-step editing schedule has it, else one line listing some that it has;
-    ``None``: the schedule's middle one."""
-    schedule = editing_timesteps(model, steps)
+def resolve_timestep(model: Backbone, steps: int, timestep: int | None,
+                     latent_size: tuple[int, int] | None = None) -> int:
+    """``timestep`` if the ``steps``-step editing schedule (at ``latent_size``, see :func:`editing_timesteps`) has
+    it, else one line listing some that it has; ``None``: the schedule's middle one."""
+    schedule = editing_timesteps(model, steps, latent_size)
     if timestep is None:
         return schedule[len(schedule) // 2]
     if timestep not in schedule:
