@@ -1,6 +1,7 @@
 """The editing loop's cost per UNet frame evaluation as clips grow: TokenFlow against the per-frame baseline.
 
     python benchmarks/bench_loop.py                                  # micro model, 16 32 64 128 frames, 5 pairs
+    python benchmarks/bench_loop.py --model mid --scale 2            # SD's layout, twice the channels a token
     python benchmarks/bench_loop.py --keyframe-window full           # the paper's joint attention, for comparison
 
 TokenFlow's loop runs as many UNet frame evaluations as per-frame editing (the keyframes are not evaluated twice),
@@ -37,7 +38,16 @@ def measure(n: int, args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         frames, meta = micro_clip(Path(tmp), 0, 2, n)
-    editor = TokenFlowEditor(load_model(str(MICRO_DIR / "model"), device="cpu", dtype="float32"))
+        if args.scale > 1:  # the same clip, larger (nearest: the motion stays exact)
+            frames = frames.repeat(args.scale, axis=1).repeat(args.scale, axis=2)
+        if args.model == "mid":
+            from common import MID_KWARGS
+            from tokenflow.testing import build_tiny_sd
+
+            model_dir = build_tiny_sd(Path(tmp) / "mid", **MID_KWARGS)
+        else:
+            model_dir = MICRO_DIR / "model"
+        editor = TokenFlowEditor(load_model(str(model_dir), device="cpu", dtype="float32"))
     source = editor.invert(torch.from_numpy(frames), inversion_prompt=meta["caption"], steps=args.steps,
                            batch_size=args.batch_size, reconstruct=False, progress=False)
     base = dict(prompt=meta["edits"][0]["prompt"], inversion_prompt=meta["caption"], negative_prompt="",
@@ -76,6 +86,10 @@ def table(results: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--model", choices=["micro", "mid"], default="micro",
+                   help="micro: the trained micro model (16 channels, 384 tokens at its first attention level); mid: "
+                        "SD's layout with 32 channels there (random weights: the cost depends on shapes only)")
+    p.add_argument("--scale", type=int, default=1, help="frames enlarged this many times (mid at 2: 384 tokens)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--pairs", type=int, default=5)
@@ -92,7 +106,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     cpu = Path("/proc/cpuinfo").read_text().split("model name")[1].split(":")[1].split("\n")[0].strip()
     results = dict(machine=f"{cpu}, torch {torch.__version__}, {args.threads} thread(s), CPU",
-                   settings=f"micro model, {args.steps} steps, batch size {args.batch_size}, keyframe window "
+                   settings=f"{args.model} model, frames x{args.scale}, {args.steps} steps, batch size {args.batch_size}, keyframe window "
                             f"{args.keyframe_window}, {args.pairs} pairs", clips=[])
     for n in args.frames:
         results["clips"].append(measure(n, args))
