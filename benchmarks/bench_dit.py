@@ -47,6 +47,10 @@ def main() -> None:
     parser.add_argument("--propagation-t", type=float, default=None,
                         help="fraction of the steps with TokenFlow (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--tokenflow-blocks", type=int, nargs="+", default=None,
+                        help="TokenFlow in these transformer blocks only (the others per frame; default: all)")
+    parser.add_argument("--pnp-blocks", type=int, nargs="+", default=None,
+                        help="PnP query/key injection in these blocks only (default: the model's, all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--border", type=int, default=4)
     parser.add_argument("--json", type=Path, default=HERE / "results" / "bench_dit.json")
@@ -64,6 +68,14 @@ def main() -> None:
     diffusers_logging.set_verbosity_error()  # the micro DiT's T5 reads 4 tokens by design
     model = load_model(args.model, device="cpu", dtype="float32")
     editor = TokenFlowEditor(model)
+    layers = None
+    if args.tokenflow_blocks is not None or args.pnp_blocks is not None:
+        from tokenflow.backbones import LayerSelection
+
+        def patterns(blocks):
+            return None if blocks is None else [f"transformer_blocks.{i}.*" for i in blocks]
+
+        layers = LayerSelection(tokenflow_patterns=patterns(args.tokenflow_blocks), qk_patterns=patterns(args.pnp_blocks))
     runs = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +95,7 @@ def main() -> None:
         for mode in ("tokenflow", "none"):
             config = EditConfig(prompt=meta["caption"], inversion_prompt=meta["caption"], negative_prompt="",
                                 steps=args.steps, guidance_scale=1.0, batch_size=args.batch_size, propagation=mode,
-                                pnp=False, seed=0, propagation_t=args.propagation_t)
+                                pnp=False, seed=0, propagation_t=args.propagation_t, layers=layers)
             with torch.no_grad():
                 out = model.decode_latents(editor.edit(source, config, progress=False).latents).numpy()
             rebuilt[mode] = float(np.mean(psnr(out, vae)))
@@ -101,7 +113,7 @@ def main() -> None:
             for mode in ("tokenflow", "none"):
                 config = EditConfig(prompt=edit["prompt"], inversion_prompt=meta["caption"], negative_prompt="",
                                     steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size,
-                                    propagation=mode, seed=0, propagation_t=args.propagation_t)
+                                    propagation=mode, seed=0, propagation_t=args.propagation_t, layers=layers)
                 started = time.perf_counter()
                 out = editor.edit(source, config, progress=False)
                 seconds = time.perf_counter() - started

@@ -249,6 +249,28 @@ def test_propagation_matches_frames_in_batches_as_it_does_one_by_one(model, monk
     assert torch.equal(together, alone)
 
 
+def test_a_layer_outside_the_tokenflow_selection_attends_per_frame_in_every_call(model):
+    """``tokenflow_patterns``: the other layers keep PnP and attend per frame in keyframe and propagation calls,
+    storing nothing for propagation."""
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
+    attn = model.unet.get_submodule(name.rsplit(".processor", 1)[0])
+    hidden = torch.randn(3 * 2, 6, attn.to_q.in_features, generator=torch.Generator().manual_seed(9))
+    state = TokenFlowState()
+    processor = TokenFlowAttnProcessor(state, name, inject_qk=True, tokenflow=False)
+    inject = Injection(qk=True)
+    with state.calling(FrameCall(inject)):
+        per_frame = processor(attn, hidden)
+    with state.calling(FrameCall()):
+        assert not torch.equal(processor(attn, hidden), per_frame)  # the injection is still there
+    for call in (KeyframeCall.all(2, inject=inject), PropagationCall((0, 0), (1, 1), (0.5, 0.5), inject)):
+        with state.calling(call):
+            assert torch.equal(processor(attn, hidden), per_frame)
+    assert len(state.cache) == 0
+    layers = select_layers(model.unet, LayerSelection(tokenflow_patterns=["up_blocks.3.*"]))
+    assert layers.tokenflow and all(n.startswith("up_blocks.3.") for n in layers.tokenflow)
+    assert select_layers(model.unet).tokenflow is None  # all of them
+
+
 def test_first_argmax_is_argmax_with_its_ties_and_nans():
     """The blocked search must pick what ``argmax`` picks: the first maximum, whichever block it lies in."""
     from tokenflow.correspondence import first_argmax
@@ -289,6 +311,7 @@ def test_a_layer_selection_that_matches_nothing_is_an_error_naming_the_unet_and_
         (LayerSelection(skip_first_decoder_attention=99), ["UNet2DConditionModel", "skip_first_decoder_attention=99"]),
         (LayerSelection(conv_patterns=["mid_block.nothing"]), ["UNet2DConditionModel", "mid_block.nothing", "ResNet"]),
         (LayerSelection(conv_block=7), ["UNet2DConditionModel", "up_blocks.7.resnets.1"]),
+        (LayerSelection(tokenflow_patterns=["up_blocks.9.*"]), ["UNet2DConditionModel", "up_blocks.9.*", "TokenFlow"]),
     ]:
         with pytest.raises(LayerSelectionError) as info:
             with tokenflow_attention(model.unet, TokenFlowState(), selection):

@@ -345,6 +345,21 @@ def test_cli_edits_a_video_with_a_transformer_model(request, family, pan_clip, t
     assert np.isfinite(run["inversion_psnr"]) and run["unet_frame_evaluations"] == branches * 10 * 3
 
 
+def test_cli_chooses_tokenflow_and_pnp_layers_by_name_and_refuses_a_pattern_matching_none(sd3_dir, pan_clip,
+                                                                                          tmp_path, capsys):
+    from tokenflow.cli import main
+
+    common = ["edit", str(pan_clip), "--model", str(sd3_dir), "--steps", "3", "--size", "64", "--prompt", "a robot",
+              "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    rc = main([*common, "--tokenflow-layers", "transformer_blocks.9.*", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "transformer_blocks.9.*" in err[0] and "TokenFlow" in err[0], err
+    assert not (tmp_path / "bad").exists() and not list((tmp_path / "cache").glob("*"))  # nothing inverted
+    rc = main([*common, "--tokenflow-layers", "transformer_blocks.0.*", "--pnp-layers", "transformer_blocks.1.*",
+               "--propagation-t", "1", "--out", str(tmp_path / "ok")])
+    assert rc == 0 and (tmp_path / "ok" / "edited.mp4").is_file()
+
+
 def test_cli_refuses_ddim_inversion_on_a_flow_model_in_one_line(flux_dir, pan_clip, tmp_path, capsys):
     from tokenflow.cli import main
 
@@ -373,6 +388,26 @@ def test_propagation_t_runs_tokenflow_on_the_first_steps_only(sd3, tiny_model, c
         assert not torch.equal(half.latents, edit(propagation="none").latents)
     with pytest.raises(Exception, match="propagation_t"):
         EditConfig(prompt="a", propagation_t=1.5).check_inputs()
+
+
+def test_tokenflow_in_chosen_blocks_only(sd3, clip64):
+    """``tokenflow_patterns`` on a transformer: every block is the default exactly; one block is neither the default
+    nor per-frame editing."""
+    from tokenflow.backbones import LayerSelection
+
+    assert sd3.layers(LayerSelection(tokenflow_patterns=["transformer_blocks.0.*"])).tokenflow == (
+        "transformer_blocks.0.attn.processor",)
+    editor = TokenFlowEditor(sd3)
+    source = editor.invert(clip64, steps=3, batch_size=2, reconstruct=False, progress=False)
+
+    def edit(**kw):
+        return editor.edit(source, EditConfig(prompt="a robot", steps=3, batch_size=2, propagation_t=1.0, **kw),
+                           progress=False).latents
+
+    default = edit()
+    assert torch.equal(edit(layers=LayerSelection(tokenflow_patterns=["transformer_blocks.*"])), default)
+    first = edit(layers=LayerSelection(tokenflow_patterns=["transformer_blocks.0.*"]))
+    assert not torch.allclose(first, default, atol=1e-4) and not torch.allclose(first, edit(propagation="none"), atol=1e-4)
 
 
 # -- the feature analysis on transformers -----------------------------------------------------------------------

@@ -415,9 +415,11 @@ def auto_keyframe_batch(
 class TokenFlowAttnProcessor:
     """Self-attention processor for TokenFlow keyframe attention, propagation and PnP q/k injection."""
 
-    def __init__(self, state: TokenFlowState, name: str, inject_qk: bool = False, fallback=None):
+    def __init__(self, state: TokenFlowState, name: str, inject_qk: bool = False, fallback=None,
+                 tokenflow: bool = True):
         """``fallback``: the layer's own processor (an IP-Adapter's, xformers', a user's), which serves every call
-        that TokenFlow leaves alone; default: diffusers' ``AttnProcessor2_0``."""
+        that TokenFlow leaves alone; default: diffusers' ``AttnProcessor2_0``. ``tokenflow=False``: the layer takes
+        part in PnP only, every frame attending to itself in keyframe and propagation calls too."""
         if fallback is None:
             from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -425,12 +427,15 @@ class TokenFlowAttnProcessor:
         self.state = state
         self.name = name
         self.inject_qk = inject_qk
+        self.tokenflow = tokenflow
         self._default = fallback
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         call = self.state.call
         if call is None or encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             return self._default(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if not self.tokenflow:
+            call = FrameCall(call.inject)
         if isinstance(call, PropagationCall):
             return self._propagate(hidden_states, call)
         return self._attention(attn, hidden_states, call)
@@ -562,13 +567,16 @@ def tokenflow_attention(unet, state: TokenFlowState, layers=None) -> Iterator[tu
     from .backbones.base import Layers
     from .backbones.unet_layers import select_layers
 
-    self_attn, qk, conv = layers if isinstance(layers, Layers) else select_layers(unet, layers)
+    layers = layers if isinstance(layers, Layers) else select_layers(unet, layers)
+    self_attn, qk, conv = layers
     original = unet.attn_processors
     processors = dict(original)
     qk_set = set(qk)
-    make = getattr(layers, "processor", None) or TokenFlowAttnProcessor
+    acting = set(self_attn if layers.tokenflow is None else layers.tokenflow)
+    make = layers.processor or TokenFlowAttnProcessor
     for name in self_attn:
-        processors[name] = make(state, name, inject_qk=name in qk_set, fallback=original[name])
+        processors[name] = make(state, name, inject_qk=name in qk_set, fallback=original[name],
+                                tokenflow=name in acting)
     handles = []
     try:
         unet.set_attn_processor(processors)

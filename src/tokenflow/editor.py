@@ -204,7 +204,7 @@ class TokenFlowEditor:
 
         bar = Tracker("editing", len(timesteps) * n_frames, progress, cancel)
         run.on_frames = bar.update
-        with tokenflow_attention(model.unet, state, model.layers(config.layers)):
+        with tokenflow_attention(model.unet, state, model.layers(config.layer_selection())):
             for step, t in enumerate(timesteps):
                 bar.detail = f"step {step + 1}/{len(timesteps)}"
                 run.step = step

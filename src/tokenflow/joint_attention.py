@@ -45,20 +45,23 @@ class JointTokenFlowProcessor:
     injection on the image tokens (see the module docstring)."""
 
     def __init__(self, state: TokenFlowState, name: str, inject_qk: bool = False, fallback=None, *,
-                 layout: str, text_tokens: int | None = None):
+                 tokenflow: bool = True, layout: str, text_tokens: int | None = None):
         """``fallback``: the layer's own processor, which serves every call TokenFlow leaves alone. ``text_tokens``:
-        the text length of a single-stream layer (whose input is text and image concatenated)."""
+        the text length of a single-stream layer (whose input is text and image concatenated). ``tokenflow=False``:
+        PnP only, every frame attending to its own tokens in keyframe and propagation calls too."""
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r}: one of {LAYOUTS}")
         if layout == "flux-single" and not text_tokens:
             raise ValueError("a single-stream layer needs its text length (text_tokens)")
-        self.state, self.name, self.inject_qk = state, name, inject_qk
+        self.state, self.name, self.inject_qk, self.tokenflow = state, name, inject_qk, tokenflow
         self.layout, self.text_tokens = layout, text_tokens
         self._default = fallback
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  **kwargs):
         call = self.state.call
+        if call is not None and not self.tokenflow:
+            call = FrameCall(call.inject)
         plain = isinstance(call, FrameCall) and not (call.inject.qk and self.inject_qk) and self.state.observe is None
         if call is None or attention_mask is not None or plain:
             if image_rotary_emb is not None:

@@ -167,8 +167,32 @@ class EditConfig:
     keyframe_batch: int | str | None = option(  # keyframes per UNet call of a windowed keyframe pass
         "auto", type=str, help="Keyframes per UNet call of a windowed keyframe pass: auto, all, or a number."
     )
+    tokenflow_layers: list[str] = option(
+        type=list[str], default_factory=list,
+        help="Self-attention layers TokenFlow acts in, as name patterns (e.g. 'transformer_blocks.0.*'); the others "
+             "attend per frame. Repeatable; default: all.",
+    )
+    pnp_layers: list[str] = option(
+        type=list[str], default_factory=list,
+        help="Self-attention layers PnP injects queries/keys into, as name patterns. Repeatable; default: the model's.",
+    )
     offload_cache: bool | None = None  # keyframe tokens in host memory; None: on for CUDA/MPS
     layers: LayerSelection | None = None  # None: the backbone's default layers by role
+
+    def layer_selection(self) -> LayerSelection | None:
+        """``layers`` with the ``tokenflow_layers`` / ``pnp_layers`` patterns applied (``None``: the defaults)."""
+        if not self.tokenflow_layers and not self.pnp_layers:
+            return self.layers
+        from dataclasses import replace
+
+        from .backbones import LayerSelection
+
+        selection = self.layers or LayerSelection()
+        if self.tokenflow_layers:
+            selection = replace(selection, tokenflow_patterns=list(self.tokenflow_layers))
+        if self.pnp_layers:
+            selection = replace(selection, qk_patterns=list(self.pnp_layers))
+        return selection
 
     def __post_init__(self):
         for name in ("keyframe_window", "keyframe_batch"):  # "3" from a command line or a config file is 3

@@ -260,6 +260,7 @@ def edit_video(
                                                      latents_per_frame=3 + (options.steps + 3
                                                                             if options.save_latents else 0))
             stores.append(frames)
+            editor.model.layers(options.edit_config().layer_selection())  # a pattern matching nothing: before inverting
             check_cancelled(cancel)  # loading and staging take a while: a cancel meanwhile stops here
             control = None
             fps = info.fps / options.stride

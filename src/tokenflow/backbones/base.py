@@ -63,8 +63,11 @@ class Layers:
     self_attention: tuple[str, ...]  # processors TokenFlow replaces (keyframe attention, propagation)
     qk: tuple[str, ...]  # PnP: processors whose edited branches take the source's queries and keys
     residual: tuple[str, ...]  # PnP: blocks whose edited branches take the source's residual features
-    # ``processor(state, name, inject_qk=, fallback=)``: the attention processor of the family (None: the UNet's)
+    # ``processor(state, name, inject_qk=, fallback=, tokenflow=)``: the family's attention processor (None: the
+    # UNet's)
     processor: object = field(default=None, compare=False)
+    # the self-attention layers TokenFlow acts in (None: all); the others attend per frame in every call
+    tokenflow: tuple[str, ...] | None = None
 
     def __iter__(self):  # unpacks as (self_attention, qk, residual) lists
         return iter((list(self.self_attention), list(self.qk), list(self.residual)))

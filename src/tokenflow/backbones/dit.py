@@ -24,7 +24,7 @@ import torch
 
 from .base import Layers, TextConditioning
 from .sd import StableDiffusionModel
-from .unet_layers import LayerSelection, LayerSelectionError, _summary
+from .unet_layers import LayerSelection, LayerSelectionError, _summary, tokenflow_layers
 
 logger = logging.getLogger("tokenflow")
 
@@ -126,13 +126,15 @@ class FlowTransformerModel(StableDiffusionModel):
                                       "UNet models only")
         layouts = dict(blocks)
         factory = functools.partial(_make_processor, layouts=layouts, text_tokens=self.text_length)
-        return Layers(tuple(names), tuple(qk), (), processor=factory)
+        return Layers(tuple(names), tuple(qk), (), processor=factory,
+                      tokenflow=tokenflow_layers(names, selection, model))
 
 
-def _make_processor(state, name, inject_qk=False, fallback=None, *, layouts, text_tokens):
+def _make_processor(state, name, inject_qk=False, fallback=None, tokenflow=True, *, layouts, text_tokens):
     from ..joint_attention import JointTokenFlowProcessor
 
-    return JointTokenFlowProcessor(state, name, inject_qk, fallback, layout=layouts[name], text_tokens=text_tokens)
+    return JointTokenFlowProcessor(state, name, inject_qk, fallback, tokenflow=tokenflow, layout=layouts[name],
+                                   text_tokens=text_tokens)
 
 
 @dataclass

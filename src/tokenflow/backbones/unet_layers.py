@@ -25,6 +25,9 @@ class LayerSelection:
     self-attention, skipping the first ``skip_first_decoder_attention`` attention modules (the coarsest ones, as
     the reference does). ``conv``: the ResNet whose residual features PnP injects (second ResNet of the second
     decoder block). Explicit ``fnmatch`` patterns override the role-based choice.
+
+    ``tokenflow_patterns``: the self-attention layers TokenFlow acts in (keyframe attention, propagation); in the
+    others every frame attends to itself in every call, as in per-frame editing. ``None``: all of them (the paper's).
     """
 
     skip_first_decoder_attention: int = 1
@@ -32,6 +35,19 @@ class LayerSelection:
     conv_resnet: int = 1
     qk_patterns: Sequence[str] | None = None
     conv_patterns: Sequence[str] | None = None
+    tokenflow_patterns: Sequence[str] | None = None
+
+
+def tokenflow_layers(names: list[str], selection: LayerSelection, model: str) -> tuple[str, ...] | None:
+    """The layers of ``names`` that ``selection.tokenflow_patterns`` picks (``None``: every one); an error when it
+    picks none, which would silently make the edit per-frame."""
+    if selection.tokenflow_patterns is None:
+        return None
+    picked = tuple(n for n in names if any(fnmatch.fnmatch(n, p) for p in selection.tokenflow_patterns))
+    if not picked:
+        raise LayerSelectionError(f"TokenFlow layer selection tokenflow_patterns {list(selection.tokenflow_patterns)} "
+                                  f"matches no self-attention layer of {model}; choose among {_summary(names)}")
+    return picked
 
 
 def _attention_module(name: str) -> str:
@@ -74,7 +90,7 @@ def select_layers(unet, selection: LayerSelection | None = None) -> Layers:
         raise LayerSelectionError(
             f"PnP residual-feature layer {what} matches no ResNet block of {model}; choose among {_summary(resnets)}"
         )
-    return Layers(tuple(self_attn), tuple(qk), tuple(conv))
+    return Layers(tuple(self_attn), tuple(qk), tuple(conv), tokenflow=tokenflow_layers(self_attn, selection, model))
 
 
 def _summary(names: list[str], shown: int = 6) -> str:
