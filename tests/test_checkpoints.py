@@ -34,6 +34,20 @@ def test_a_ckpt_of_tensors_is_read_and_recognised_by_its_keys(tmp_path):
                                       "global_step"]
 
 
+@pytest.mark.parametrize("key, family", [
+    ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "sd3"),  # SD3/3.5 as Stability ships it
+    ("joint_blocks.0.context_block.attn.qkv.weight", "sd3"),  # transformer-only file
+    ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "flux"),  # FLUX.1 (ComfyUI layout)
+    ("double_blocks.0.img_attn.qkv.weight", "flux"),  # as Black Forest Labs ships it
+])
+def test_a_transformer_single_file_is_recognised_by_its_keys(tmp_path, key, family):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(2)}, str(path))
+    assert _checkpoint_family(str(path), path, None, True) == family
+
+
 def test_a_ckpt_whose_pickle_would_run_code_is_refused_and_the_code_does_not_run(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.ckpt"

@@ -390,6 +390,22 @@ def test_propagation_t_runs_tokenflow_on_the_first_steps_only(sd3, tiny_model, c
         EditConfig(prompt="a", propagation_t=1.5).check_inputs()
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_sdedit_on_a_flow_model_starts_at_its_strength(request, family, clip64):
+    """SDEdit through the same loop: the edit runs the last ``strength`` of the steps from the source's latents at
+    that noise level, so it moves further from the source the higher the strength."""
+    model = request.getfixturevalue(family)
+    editor = TokenFlowEditor(model)
+    source = editor.invert(clip64, steps=4, batch_size=2, reconstruct=False, progress=False)
+    moved = []
+    for strength in (0.25, 0.5, 1.0):
+        out = editor.edit(source, EditConfig(prompt="a robot", steps=4, batch_size=2, mode="sdedit", strength=strength),
+                          progress=False)
+        assert out.unet_frame_evaluations == model.branches * 4 * round(4 * strength)
+        moved.append(float((out.latents - source.clean).abs().mean()))
+    assert moved[0] < moved[1] < moved[2]
+
+
 def test_tokenflow_in_chosen_blocks_only(sd3, clip64):
     """``tokenflow_patterns`` on a transformer: every block is the default exactly; one block is neither the default
     nor per-frame editing."""
