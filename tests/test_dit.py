@@ -406,6 +406,29 @@ def test_sdedit_on_a_flow_model_starts_at_its_strength(request, family, clip64):
     assert moved[0] < moved[1] < moved[2]
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_long_clip_controls_work_on_transformers(request, family):
+    """Keyframe window, keyframe batches and the host-memory keyframe cache on joint attention: the window and the
+    split pass change the edit (and bound the calls), offloading the cache does not change it at all."""
+    model = request.getfixturevalue(family)
+    clip = torch.from_numpy(pan_frames(num_frames=8, width=64, height=64, shift=4))
+    editor = TokenFlowEditor(model)
+    source = editor.invert(clip, steps=2, batch_size=2, reconstruct=False, progress=False)
+
+    def edit(**kw):
+        return editor.edit(source, EditConfig(prompt="a robot", steps=2, batch_size=2, propagation_t=1.0, **kw),
+                           progress=False)
+
+    full = edit(keyframe_window="full", offload_cache=False)
+    assert full.max_keyframes_per_call == 4
+    assert torch.equal(edit(keyframe_window="full", offload_cache=True).latents, full.latents)  # a copy, no maths
+    windowed = edit(keyframe_window=1, anchors=0, keyframe_batch="all")
+    split = edit(keyframe_window=1, anchors=0, keyframe_batch=1)
+    assert windowed.max_keyframes_per_call == 4 and split.max_keyframes_per_call == 3  # 1 computed + 1 each side
+    assert not torch.allclose(windowed.latents, full.latents, atol=1e-5)
+    assert torch.isfinite(split.latents).all() and not torch.equal(split.latents, windowed.latents)
+
+
 def test_tokenflow_in_chosen_blocks_only(sd3, clip64):
     """``tokenflow_patterns`` on a transformer: every block is the default exactly; one block is neither the default
     nor per-frame editing."""
