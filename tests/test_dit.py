@@ -360,6 +360,21 @@ def test_cli_chooses_tokenflow_and_pnp_layers_by_name_and_refuses_a_pattern_matc
     assert rc == 0 and (tmp_path / "ok" / "edited.mp4").is_file()
 
 
+def test_cli_rounds_a_transformers_size_to_whole_patches(sd3_dir, pan_clip, tmp_path):
+    """A transformer's token is a 2x2 patch of 8 px latents: sides are multiples of 16 (a multiple of 8 alone, as
+    for a UNet, made a shape error inside the transformer)."""
+    import json
+
+    from tokenflow.cli import main
+
+    rc = main(["edit", str(pan_clip), "--model", str(sd3_dir), "--steps", "2", "--size", "72", "--prompt", "a robot",
+               "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert rc == 0
+    output = json.loads((tmp_path / "out" / "run.json").read_text())["output"]
+    width, height = output["width"], output["height"]
+    assert width % 16 == 0 and height % 16 == 0 and abs(height - 72) <= 8
+
+
 def test_cli_refuses_ddim_inversion_on_a_flow_model_in_one_line(flux_dir, pan_clip, tmp_path, capsys):
     from tokenflow.cli import main
 

@@ -1,4 +1,5 @@
-"""TokenFlowPipeline: the diffusers face of the editor, checked against TokenFlowEditor on the tiny model."""
+"""TokenFlowPipeline: the diffusers face of the editor, checked against TokenFlowEditor on the tiny model (and
+the SDXL, SD3 and FLUX.1 pipelines on theirs)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ import torch
 
 from tokenflow.editor import EditConfig, TokenFlowEditor
 from tokenflow.inversion import InversionCache, SourceLatents
-from tokenflow.pipeline import TokenFlowPipeline, TokenFlowPipelineOutput, TokenFlowXLPipeline
+from tokenflow.pipeline import (
+    TokenFlowFluxPipeline,
+    TokenFlowPipeline,
+    TokenFlowPipelineOutput,
+    TokenFlowSD3Pipeline,
+    TokenFlowXLPipeline,
+)
 from tokenflow.io import resize_frames
 from tokenflow.testing import make_pan_clip, pan_frames
 
@@ -393,3 +400,143 @@ def test_the_readme_snippet_with_diffusers_own_video_helpers(tiny_model_dir, tmp
     path = export_to_video(out.frames[0], str(tmp_path / "robot.mp4"), fps=10)
     info = probe(path)
     assert info.num_frames == 4 and (info.width, info.height) == (96, 64) and info.fps == pytest.approx(10)
+
+
+# -- SD3 and FLUX.1: the diffusion-transformer pipelines ---------------------------------------------------------
+
+# (pipeline class, the diffusers pipeline a folder holds, a guidance scale of the family's usual kind)
+DIT = {"sd3": (TokenFlowSD3Pipeline, "StableDiffusion3Pipeline", 7.0),
+       "flux": (TokenFlowFluxPipeline, "FluxPipeline", 3.5)}
+DIT_KW = dict(prompt="a robot", inversion_prompt="a photo", num_inference_steps=STEPS, batch_size=BATCH,
+              reconstruct=False)
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    from tokenflow.testing import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("sd3"))
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    from tokenflow.testing import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("flux"))  # FLUX.1-dev-like: guidance is an input
+
+
+@pytest.fixture(scope="module")
+def clip64() -> torch.Tensor:
+    """Four 64x64 frames of a pan: 16 image tokens a frame on both tiny transformers."""
+    return torch.from_numpy(pan_frames(num_frames=4, width=64, height=64, shift=4))
+
+
+def _editor_edit(folder, frames, guidance: float, steps: int = STEPS):
+    """The same edit through ``load_model`` + ``TokenFlowEditor`` (the CLI's path): (source, edit, decoded)."""
+    from tokenflow.models import load_model
+
+    editor = TokenFlowEditor(load_model(folder, device="cpu", dtype="float32"))
+    source = editor.invert(frames, inversion_prompt="a photo", steps=steps, batch_size=BATCH, reconstruct=False,
+                           progress=False)
+    config = EditConfig(prompt="a robot", inversion_prompt="a photo", steps=steps, batch_size=BATCH,
+                        guidance_scale=guidance)
+    out = editor.edit(source, config, progress=False)
+    return editor, source, out, editor.model.decode_latents(out.latents).numpy()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_sd3_and_flux_pipelines_equal_the_editor_edit_and_decode_exactly(request, family, clip64, tmp_path):
+    cls, _, guidance = DIT[family]
+    folder = request.getfixturevalue(f"{family}_dir")
+    pipe = _quiet(cls.from_pretrained(folder))
+    model = pipe.tokenflow_model()
+    assert model.family == family and model.unet is pipe.transformer and model.pipeline is pipe
+    editor, ref_source, ref, ref_frames = _editor_edit(folder, clip64, guidance)
+    kw = dict(DIT_KW, guidance_scale=guidance)
+    latent = pipe(clip64, output_type="latent", cache_dir=tmp_path / "cache", **kw)
+    assert torch.equal(latent.frames[0], ref.latents)
+    frames = pipe(clip64, **kw).frames[0]  # pil
+    assert np.array_equal(np.stack([np.asarray(f) for f in frames]), ref_frames)
+    assert all(p.requires_grad for p in pipe.transformer.parameters())  # run frozen; restored after
+    # the CLI's inversion finds the pipeline's cache entry (the same key)
+    hits = []
+    editor.invert(clip64, inversion_prompt="a photo", steps=STEPS, batch_size=BATCH, reconstruct=False,
+                  progress=False, cache=InversionCache(tmp_path / "cache"), on_cache_hit=hits.append)
+    assert hits and hits == InversionCache(tmp_path / "cache").entries()
+    # invert, then edit from the source latents; the guidance scale reaches the model (FLUX: as an input)
+    source = pipe.invert(clip64, inversion_prompt="a photo", num_inference_steps=STEPS, batch_size=BATCH,
+                         reconstruct=False)
+    assert torch.equal(source.clean, ref_source.clean)
+    assert all(torch.equal(source.noisy[t], ref_source.noisy[t]) for t in ref_source.noisy)
+    again = pipe(None, source_latents=source, output_type="latent", **kw).frames[0]
+    assert torch.equal(again, ref.latents)
+    other = pipe(None, source_latents=source, output_type="latent", **dict(kw, guidance_scale=1.0)).frames[0]
+    assert not torch.equal(other, ref.latents)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_from_pipe_of_a_diffusers_sd3_or_flux_pipeline_shares_its_modules(request, family, clip64):
+    import diffusers
+
+    cls, diffusers_name, guidance = DIT[family]
+    folder = request.getfixturevalue(f"{family}_dir")
+    base = getattr(diffusers, diffusers_name).from_pretrained(str(folder))
+    tf = _quiet(cls.from_pipe(base))
+    assert set(tf.components) <= set(base.components)  # no IP-Adapter image encoder
+    for name, module in tf.components.items():
+        assert module is getattr(base, name), name
+    assert tf.tokenflow_model().unet is base.transformer and tf.name_or_path == str(folder)
+    kw = dict(DIT_KW, guidance_scale=guidance, num_inference_steps=2, output_type="latent")
+    out = tf(clip64[:2], **kw).frames[0]
+    _, _, expect, _ = _editor_edit(folder, clip64[:2], guidance, steps=2)
+    assert torch.equal(out, expect.latents)
+    assert getattr(diffusers, diffusers_name).from_pipe(tf).transformer is base.transformer
+
+
+def test_sd3_without_t5_loads_and_edits_as_the_editor(tmp_path, clip64):
+    from tokenflow.testing import build_tiny_sd3
+
+    folder = build_tiny_sd3(tmp_path / "sd3-no-t5", with_t5=False)  # diffusers' own pipeline needs them passed
+    pipe = _quiet(TokenFlowSD3Pipeline.from_pretrained(folder))
+    assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
+    kw = dict(DIT_KW, num_inference_steps=2, guidance_scale=7.0, output_type="latent")
+    _, _, expect, _ = _editor_edit(folder, clip64[:2], 7.0, steps=2)
+    assert torch.equal(pipe(clip64[:2], **kw).frames[0], expect.latents)
+    pipe.enable_model_cpu_offload(device="cpu")  # diffusers' offload order names T5, absent here
+    assert torch.equal(pipe(clip64[:2], **kw).frames[0], expect.latents)
+
+
+def test_a_folder_of_another_family_is_refused_naming_the_pipeline_that_takes_it(sd3_dir, flux_dir, tiny_model_dir):
+    with pytest.raises(ValueError, match="takes an SD3 transformer, got a FluxTransformer2DModel; use "
+                                         "TokenFlowFluxPipeline"):
+        TokenFlowSD3Pipeline.from_pretrained(flux_dir)  # diffusers loads the folder's modules by name
+    with pytest.raises(ValueError, match="takes a FLUX.1 transformer, got a SD3Transformer2DModel; use "
+                                         "TokenFlowSD3Pipeline"):
+        TokenFlowFluxPipeline.from_pretrained(sd3_dir)
+    for cls, folder in ((TokenFlowSD3Pipeline, tiny_model_dir), (TokenFlowPipeline, flux_dir)):
+        with pytest.raises(ValueError, match="expected"):  # diffusers' own: the denoiser is missing
+            cls.from_pretrained(folder)
+    sd = TokenFlowPipeline.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="got a UNet2DConditionModel; use TokenFlowPipeline"):
+        TokenFlowFluxPipeline(**dict(TokenFlowFluxPipeline.from_pretrained(flux_dir).components, transformer=sd.unet))
+
+
+def test_sd3_and_flux_arguments_are_checked_against_the_transformer(flux_dir, sd3_dir, clip64):
+    flux = _quiet(TokenFlowFluxPipeline.from_pretrained(flux_dir))
+    sd3 = _quiet(TokenFlowSD3Pipeline.from_pretrained(sd3_dir))
+    cases = [
+        (dict(height=72), "`height` 72 has to be a positive multiple of 16 \\(the VAE factor 8 x the patch size 2\\)"),
+        (dict(width=8), "`width` 8 has to be a positive multiple of 16"),
+        (dict(mode="controlnet"), "has no ControlNet"),
+        (dict(video=np.zeros((2, 12, 40, 3), np.uint8)), "`video` is 40x12: too small for this transformer"),
+    ]
+    for pipe in (flux, sd3):
+        for kwargs, message in cases:
+            call = dict(DIT_KW, video=clip64)
+            call.update(kwargs)
+            with pytest.raises(ValueError, match=message):
+                pipe(**call)
+    # the default working size rounds down to whole tokens: a 72x56 video is edited at 64x48
+    out = flux(pan_frames(num_frames=2, width=72, height=56, shift=4), output_type="np",
+               **dict(DIT_KW, num_inference_steps=1)).frames
+    assert out.shape == (1, 2, 48, 64, 3)

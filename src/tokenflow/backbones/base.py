@@ -109,6 +109,11 @@ class Backbone(ABC):
         """The smallest frame side in pixels the denoiser's deepest level still takes."""
 
     @property
+    def size_multiple(self) -> int:
+        """Frame sides must be multiples of this (pixels): the VAE factor, times a transformer's patch size."""
+        return self.vae_scale_factor * getattr(self, "patch", 1)
+
+    @property
     @abstractmethod
     def default_size(self) -> int:
         """The short side in pixels the checkpoint was trained at."""
