@@ -398,3 +398,21 @@ if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "--screenshot":
         sys.exit("usage: python tests/test_ui.py --screenshot docs/ui.png")
     _screenshot(Path(sys.argv[2]))
+
+
+def test_the_app_edits_with_a_transformer_and_shows_its_working_size(tmp_path, pan_clip):
+    """An SD3 folder in the model field: loaded through the same path, the working size it shows is the one the
+    edit uses (whole 2x2 patches: multiples of 16), and the edit runs."""
+    import json
+
+    from tokenflow.testing import build_tiny_sd3
+    from tokenflow.ui import EditorApp
+
+    app = EditorApp(build_tiny_sd3(tmp_path / "sd3"), device="cpu", dtype="float32", out_dir=tmp_path / "runs",
+                    cache_dir=tmp_path / "cache")
+    assert "native size 64 px" in app.model_status()
+    _, text = app.describe(pan_clip, size=72)
+    outcome = app.run(dict(video=str(pan_clip), prompt="a robot", size=72, steps=2, inversion_steps=2, max_frames=4))
+    out = json.loads((Path(outcome.out_dir) / "run.json").read_text())["output"]
+    assert out["width"] % 16 == 0 and out["height"] % 16 == 0
+    assert f"Working size: {out['width']}x{out['height']}" in text

@@ -298,7 +298,7 @@ class EditorApp:
             model = self.editor.model
             short = _unset(size, int) or model.default_size
             try:
-                w, h = video_io.working_size(info.width, info.height, short, multiple=model.vae_scale_factor)
+                w, h = video_io.working_size(info.width, info.height, short, multiple=model.size_multiple)
                 lines.append(f"Working size: {w}x{h} (short side {short} px)")
             except InputError as exc:
                 lines.append(f"Working size: {plain_message(exc)}")
