@@ -943,6 +943,16 @@ def _check_transformer(pipeline: str, transformer, fits, family: str) -> None:
     raise InputError(f"{pipeline} takes {family} transformer, got a {name}; {hint}")
 
 
+def _register_transformer_pipeline(pipeline, fits, family: str, **modules) -> None:
+    """What the SD3 and FLUX pipelines' ``__init__`` do once their arguments are named: check the transformer's
+    family, register the modules, and set what diffusers' prompt encoding reads (as its own pipelines do)."""
+    _check_transformer(type(pipeline).__name__, modules["transformer"], fits, family)
+    pipeline.register_modules(**modules)
+    tokenizer = modules["tokenizer"]
+    pipeline.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
+    pipeline._guidance_scale = 7.5
+
+
 class TokenFlowSD3Pipeline(_TokenFlowMixin, DiffusionPipeline, SD3LoraLoaderMixin):
     r"""
     Text-driven video editing with TokenFlow on a Stable Diffusion 3/3.5 checkpoint (an MMDiT trained with flow
@@ -982,21 +992,11 @@ class TokenFlowSD3Pipeline(_TokenFlowMixin, DiffusionPipeline, SD3LoraLoaderMixi
         tokenizer_3: T5TokenizerFast | None = None,
     ):
         super().__init__()
-        _check_transformer(type(self).__name__, transformer, SD3Model.fits, "an SD3")
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            text_encoder_3=text_encoder_3,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            tokenizer_3=tokenizer_3,
-            transformer=transformer,
-            scheduler=scheduler,
+        _register_transformer_pipeline(
+            self, SD3Model.fits, "an SD3", vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+            text_encoder_3=text_encoder_3, tokenizer=tokenizer, tokenizer_2=tokenizer_2, tokenizer_3=tokenizer_3,
+            transformer=transformer, scheduler=scheduler,
         )
-        # read by diffusers' prompt encoding, set as StableDiffusion3Pipeline.__init__ sets it
-        self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
-        self._guidance_scale = 7.5
 
 
 class TokenFlowFluxPipeline(_TokenFlowMixin, DiffusionPipeline, FluxLoraLoaderMixin):
@@ -1035,16 +1035,7 @@ class TokenFlowFluxPipeline(_TokenFlowMixin, DiffusionPipeline, FluxLoraLoaderMi
         transformer: FluxTransformer2DModel,
     ):
         super().__init__()
-        _check_transformer(type(self).__name__, transformer, FluxModel.fits, "a FLUX.1")
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            transformer=transformer,
-            scheduler=scheduler,
+        _register_transformer_pipeline(
+            self, FluxModel.fits, "a FLUX.1", vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer, tokenizer_2=tokenizer_2, transformer=transformer, scheduler=scheduler,
         )
-        # read by diffusers' prompt encoding, set as FluxPipeline.__init__ sets it
-        self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
-        self._guidance_scale = 7.5
