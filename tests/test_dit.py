@@ -303,6 +303,20 @@ def test_flux_dev_takes_guidance_as_an_input_and_mixes_no_unconditional_branch(f
     assert flux.branch_kwargs(3.5, 2)["guidance"].tolist() == [1.0, 1.0, 3.5, 3.5]  # source, cond: no uncond rows
 
 
+@pytest.mark.parametrize("family, scale", [("sd3", 7.0), ("flux", 3.5)])
+def test_without_a_guidance_scale_each_family_uses_its_own(request, family, scale, clip64):
+    model = request.getfixturevalue(family)
+    editor = TokenFlowEditor(model)
+    source = editor.invert(clip64[:2], steps=2, batch_size=2, reconstruct=False, progress=False)
+
+    def edit(guidance):
+        config = EditConfig(prompt="a robot", steps=2, batch_size=2, guidance_scale=guidance)
+        return editor.edit(source, config, progress=False).latents
+
+    default = edit(None)
+    assert torch.equal(default, edit(scale)) and not torch.equal(default, edit(7.5 if family == "flux" else 3.5))
+
+
 def test_flux_computes_no_unconditional_branch_and_edits_as_the_three_branch_layout_did(flux, clip64, monkeypatch):
     """A guidance-distilled model never mixes an unconditional prediction, so none is computed: calls of two row
     blocks (source, cond), a third fewer evaluations, and the edit the three-block layout gave (its uncond block
@@ -343,6 +357,7 @@ def test_cli_edits_a_video_with_a_transformer_model(request, family, pan_clip, t
     assert len(run["timesteps"]) == 3 and run["timesteps"][0] == FLOW_KEY_SCALE  # flow keys, from sigma 1
     branches = 3 if family == "sd3" else 2  # FLUX: source and cond, no unconditional branch
     assert np.isfinite(run["inversion_psnr"]) and run["unet_frame_evaluations"] == branches * 10 * 3
+    assert run["parameters"]["guidance_scale"] is None and run["guidance_scale"] == (7.0 if family == "sd3" else 3.5)
 
 
 def test_cli_chooses_tokenflow_and_pnp_layers_by_name_and_refuses_a_pattern_matching_none(sd3_dir, pan_clip,

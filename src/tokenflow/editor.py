@@ -197,7 +197,8 @@ class TokenFlowEditor:
         if window is not None and config.propagation != "none":
             logger.info("keyframe attention window: %d keyframes each side, %d anchors, %s keyframes per call",
                         window, config.anchors, chunks.batch or "all")
-        run = _StepRunner(model, alphas, alpha_next, texts, config.guidance_scale, state, conditioner)
+        guidance = config.guidance_scale if config.guidance_scale is not None else model.default_guidance
+        run = _StepRunner(model, alphas, alpha_next, texts, guidance, state, conditioner)
         fraction = config.propagation_t if config.propagation_t is not None else model.default_propagation_t
         tokenflow_steps = set(schedule_all[: int(config.steps * fraction)])  # noisiest first, as PnP's gating
         used_keyframes: list[list[int]] = []

@@ -133,7 +133,10 @@ class EditConfig:
         50, help="DDIM editing steps.", commands=("edit", "invert"),
         help_for={"invert": "The editing steps the inversion is saved for."},
     )
-    guidance_scale: float = option(7.5, help="Classifier-free guidance scale.")
+    guidance_scale: float | None = option(
+        None, type=Optional[float],
+        help="Guidance scale (default: the model's: 7.5 on SD/SDXL, 7.0 on SD3, 3.5 on FLUX.1-dev, as an input).",
+    )
     batch_size: int = option(
         8, help="Frames per chunk: one keyframe per chunk, frames per UNet batch.", commands=("edit", "invert"),
         help_for={"invert": "Frames per UNet batch."},
@@ -229,7 +232,7 @@ class EditConfig:
             raise InputError(f"`propagation` {self.propagation!r}: unknown; use tokenflow or none")
         if self.blending not in BLENDING_MODES:
             raise InputError(f"`blending` {self.blending!r}: unknown; use linear or reference")
-        if self.guidance_scale < 0:
+        if self.guidance_scale is not None and self.guidance_scale < 0:
             raise InputError(f"`guidance_scale` {self.guidance_scale}: must not be negative")
         from .modes import get_mode
 

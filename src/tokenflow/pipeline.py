@@ -625,7 +625,7 @@ class _TokenFlowMixin:
         width: int | None = None,
         num_inference_steps: int = 50,
         num_inversion_steps: int | None = None,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         source_latents: SourceLatents | None = None,
         cache_dir: str | Path | None = None,
@@ -677,8 +677,9 @@ class _TokenFlowMixin:
             num_inference_steps (`int`, defaults to 50): DDIM steps of the edit (Euler steps on SD3 and FLUX).
             num_inversion_steps (`int`, *optional*): steps of the inversion (default: ``num_inference_steps`` for
                 ``inversion="fixed-point"``, 500 for ``"ddim"``).
-            guidance_scale (`float`, defaults to 7.5): classifier-free guidance scale (FLUX.1-dev: the embedded
-                guidance of the edit, usually 3.5; FLUX.1-schnell takes none).
+            guidance_scale (`float`, *optional*): classifier-free guidance scale (FLUX.1-dev: the embedded guidance
+                of the edit; FLUX.1-schnell takes none); default: the model's, 7.5 on SD/SDXL, 7.0 on SD3, 3.5 on
+                FLUX.1-dev.
             generator (`torch.Generator`, *optional*): the random keyframe draws (default: seeded by ``seed``).
             source_latents ([`~tokenflow.inversion.SourceLatents`], *optional*): from [`~TokenFlowPipeline.invert`]
                 with the same ``num_inference_steps`` and size; skips the inversion.
@@ -741,7 +742,8 @@ class _TokenFlowMixin:
         if video is None and source_latents is None:
             raise InputError("`video` is required (or `source_latents` from pipe.invert)")
         generator = _cpu_generator(generator)
-        self._guidance_scale = guidance_scale
+        self._guidance_scale = guidance_scale if guidance_scale is not None else self._backbone(
+            type(self).__name__, None, []).default_guidance
 
         with self._frozen():
             return self._edit(video, config, height, width, (inversion, num_inversion_steps, inversion_refinements),

@@ -381,6 +381,8 @@ def _run_report(options, editor, info, frames, fps, source, cache_hit, result: E
                    loras=model.loras, controlnet=model.controlnet_id),
         versions=_versions(),
         seed=options.seed,
+        # the scale used: the user's, else the model's (parameters keep what was asked: null)
+        guidance_scale=options.guidance_scale if options.guidance_scale is not None else model.default_guidance,
         video=dict(path=str(info.path), width=info.width, height=info.height, fps=info.fps, has_audio=info.has_audio,
                    rotation=info.rotation),
         output=dict(frames=int(frames.shape[0]), width=int(frames.shape[2]), height=int(frames.shape[1]), fps=fps),

@@ -571,6 +571,7 @@ def build_ui(app: EditorApp):
                                                 info="empty: the editing steps (fixed-point inversion)",
                                                 minimum=1, maximum=MAX_STEPS, elem_id="tf-inversion-steps")
                     guidance_scale = gr.Number(values["guidance_scale"], label="Guidance scale", minimum=0,
+                                               info="empty: the model's (7.5 SD, 7.0 SD3, 3.5 FLUX)",
                                                elem_id="tf-guidance")
                 with gr.Row():
                     batch_size = gr.Number(values["batch_size"], label="Batch size", precision=0, minimum=1,
@@ -682,7 +683,7 @@ def build_ui(app: EditorApp):
             mode: str = defaults.mode,
             steps: int = values["steps"],
             inversion_steps: int | None = values["inversion_steps"],
-            guidance_scale: float = values["guidance_scale"],
+            guidance_scale: float | None = values["guidance_scale"],
             batch_size: int = values["batch_size"],
             size: int | None = values["size"],
             propagation: str = defaults.propagation,
@@ -714,7 +715,7 @@ def build_ui(app: EditorApp):
             def on_progress(event: ProgressEvent) -> None:
                 progress(event.fraction, desc=progress_text(event))
 
-            numbers = dict(steps=steps, guidance_scale=guidance_scale,
+            numbers = dict(steps=steps,
                            batch_size=batch_size, seed=seed, start=start, stride=stride, pnp_attn_t=pnp_attn_t,
                            pnp_f_t=pnp_f_t, anchors=anchors, controlnet_scale=controlnet_scale, canny_low=canny_low,
                            canny_high=canny_high)
@@ -730,9 +731,10 @@ def build_ui(app: EditorApp):
                     allow_partial=bool(allow_partial), evaluate=bool(evaluate), blending=blending, keyframes=keyframes,
                     keyframe_window=str(keyframe_window or "auto").strip(),
                     propagation_t=_unset(propagation_t, float),
+                    guidance_scale=_unset(guidance_scale, float),  # empty: the model's
                     controlnet=(controlnet or "").strip() or None,
                     control=control, depth_model=(depth_model or "").strip() or None, model=model,
-                    **{k: (int(v) if k not in ("guidance_scale", "pnp_attn_t", "pnp_f_t", "controlnet_scale")
+                    **{k: (int(v) if k not in ("pnp_attn_t", "pnp_f_t", "controlnet_scale")
                            else float(v)) for k, v in numbers.items()},
                 )
                 progress(0.0, desc="Starting")

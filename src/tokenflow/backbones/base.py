@@ -172,6 +172,9 @@ class Backbone(ABC):
     #: frame): all of them for the UNet families, as in the paper
     default_propagation_t: float = 1.0
 
+    #: the guidance scale an edit uses when the user gives none (the family's usual one)
+    default_guidance: float = 7.5
+
     #: whether the edit mixes an unconditional and a conditional prediction (classifier-free guidance); a
     #: guidance-distilled family (FLUX.1) takes the scale as an input instead and its conditional branch is used
     classifier_free_guidance: bool = True

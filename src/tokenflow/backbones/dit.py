@@ -143,6 +143,7 @@ class SD3Model(FlowTransformerModel):
     classifier-free guidance."""
 
     family = "sd3"
+    default_guidance = 7.0  # diffusers' StableDiffusion3Pipeline default
 
     def _block_layers(self):
         return [(f"transformer_blocks.{i}.attn.processor", "sd3") for i in range(len(self.unet.transformer_blocks))]
@@ -176,6 +177,7 @@ class FluxModel(FlowTransformerModel):
     timestep-distilled (schnell, no guidance embedding): the scale is not used at all."""
 
     family = "flux"
+    default_guidance = 3.5  # FLUX.1-dev's embedded guidance, diffusers' FluxPipeline default
     _t5_tokens = 512
     _t5_tokenizer = "tokenizer_2"
     classifier_free_guidance = False
