@@ -130,3 +130,34 @@ def test_stored_timesteps_keep_the_least_and_the_most_noisy():
     assert stored_timesteps(save, 4) == [1, 401, 801, 951]
     assert stored_timesteps(save, 5) == [1, 501, 951]
     assert stored_timesteps(save, 100) == [1, 951]
+
+
+def test_recomputed_timesteps_left_by_a_killed_edit_are_removed_by_the_next(pan_clip, tiny_model_dir, tmp_path,
+                                                                            caplog):
+    """The scratch files of an edit killed without cleaning up (SIGKILL, OOM: a block of latents for every frame)
+    go at the next compact-cache edit; a live process's and an unmarked folder stay."""
+    import logging
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    folders = {}
+    for name, owner in (("dead", {"pid": dead, "host": socket.gethostname()}),
+                        ("live", {"pid": os.getpid(), "host": socket.gethostname()}), ("unmarked", None)):
+        folders[name] = cache / f".recomputed-{name}"
+        folders[name].mkdir(parents=True)
+        (folders[name] / "t000500.bin").write_bytes(b"\0" * 1024)
+        if owner is not None:
+            (folders[name] / "owner.json").write_text(json.dumps(owner))
+    with caplog.at_level(logging.WARNING, logger="tokenflow"):
+        code = main(["edit", str(pan_clip), "-p", "a watercolor painting", "--model", str(tiny_model_dir), "--size",
+                     "64", "--steps", "4", "--batch-size", "2", "--max-frames", "3", "--device", "cpu", "--cache-dir",
+                     str(cache), "--cache-stride", "3", "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0
+    assert not folders["dead"].exists() and folders["live"].exists() and folders["unmarked"].exists()
+    assert f"process {dead} is gone" in caplog.text and str(folders["dead"]) in caplog.text
+    assert sorted(p.name for p in cache.glob(".recomputed-*")) == [".recomputed-live", ".recomputed-unmarked"]

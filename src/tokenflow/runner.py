@@ -13,7 +13,6 @@ import logging
 import os
 import platform
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from .errors import InputError
 from .events import CancelToken, ProgressCallback, Tracker, TqdmProgress, check_cancelled
 from .io import FrameStore
 from .inversion import InversionCache, SourceLatents
+from .io.owner import dead_owner, write_owner
 from .options import RunOptions
 
 logger = logging.getLogger(__name__)
@@ -397,31 +397,13 @@ def _run_report(options, editor, info, frames, fps, source, cache_hit, result: E
     )
 
 
-OWNER = "owner.json"  # in a staging folder's .work/: which process stages there
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError, OverflowError):  # someone else's process, or not a pid: leave it be
-        return True
-    return True
-
-
 def _remove_dead_staging(out_dir: Path) -> None:
     """Remove the staging folders beside ``out_dir`` of runs on this machine whose process is gone (killed by
     SIGKILL, the OOM killer, a power cut: no chance to clean up), each with one log line; they hold the staged
     frames, gigabytes for a long clip. A folder without an owner record, or a live owner's, is left alone."""
-    host = socket.gethostname()
     for folder in out_dir.parent.glob(f".{out_dir.name}.*"):
-        try:
-            owner = json.loads((folder / ".work" / OWNER).read_text())
-            pid = int(owner["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if owner.get("host") != host or _alive(pid):
+        pid = dead_owner(folder / ".work")  # the record is in its .work/
+        if pid is None:
             continue
         shutil.rmtree(folder, ignore_errors=True)
         logger.warning("removed %s: the staging folder of an earlier run that did not finish (process %d is gone)",
@@ -442,7 +424,7 @@ def staged_output(out_dir: Path, cache_root: Path | None = None) -> Iterator[Pat
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
     work = staging / ".work"
     work.mkdir()
-    (work / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    write_owner(work)
     try:
         yield staging
         shutil.rmtree(work, ignore_errors=True)

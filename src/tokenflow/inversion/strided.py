@@ -24,10 +24,24 @@ import torch
 from ..backbones import Backbone, TextConditioning
 from ..errors import InputError
 from ..io.disktensor import DiskTensor
+from ..io.owner import dead_owner, write_owner
 from .ddim import _invert_batch
 from .storage import LatentColumn, timestep_name
 
 logger = logging.getLogger("tokenflow.inversion")
+
+SCRATCH_PREFIX = ".recomputed-"  # a compact entry's recomputed timesteps, under the cache root while an edit runs
+
+
+def _remove_dead_scratch(root: Path) -> None:
+    """Remove the recomputed-timestep folders under ``root`` of edits on this machine whose process is gone
+    (killed without a chance to clean up: a block of latents for every frame each), one log line each."""
+    for folder in root.glob(SCRATCH_PREFIX + "*"):
+        pid = dead_owner(folder)
+        if pid is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.warning("removed %s: recomputed timesteps of an earlier edit that did not finish (process %d is "
+                           "gone)", folder, pid)
 
 __all__ = ["stored_timesteps", "auto_cache_stride", "resolve_cache_stride", "StridedTimesteps",
            "AUTO_FULL_CACHE_BYTES", "COMPACT_ARRAYS_PER_FRAME"]
@@ -129,7 +143,9 @@ class StridedTimesteps(Mapping):
             root = self._scratch_root
             if root is not None:
                 root.mkdir(parents=True, exist_ok=True)
-            self._folder = Path(tempfile.mkdtemp(prefix=".recomputed-", dir=root))
+                _remove_dead_scratch(root)
+            self._folder = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=root))
+            write_owner(self._folder)
             weakref.finalize(self, shutil.rmtree, str(self._folder), True)  # also at exit
         return self._folder
 
