@@ -19,7 +19,7 @@ from tokenflow.attention import (
     tokenflow_attention,
 )
 from tokenflow.backbones import LayerSelection, select_layers
-from tokenflow.correspondence import gather_tokens, linear_neighbors, nearest_neighbors, reference_neighbors
+from tokenflow.correspondence import linear_neighbors, nearest_neighbors, reference_neighbors
 
 
 @pytest.fixture(scope="module")
@@ -158,15 +158,6 @@ def test_nearest_neighbours_recover_a_known_shift():
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     inside = (ys + dy < h) & (xs + dx < w)
     assert torch.equal(idx[inside], ((ys + dy) * w + (xs + dx))[inside])
-
-
-def test_gather_takes_each_token_from_its_matched_index():
-    values = torch.arange(2 * 1 * 4 * 3, dtype=torch.float32).view(2, 1, 4, 3)
-    index = torch.tensor([[3, 0, 0, 2]])
-    out = gather_tokens(values, index)
-    for b in range(2):
-        for t, i in enumerate(index[0].tolist()):
-            assert torch.equal(out[b, 0, t], values[b, 0, i])
 
 
 def test_linear_neighbours_use_the_real_keyframes_around_each_frame():

@@ -16,7 +16,6 @@ __all__ = [
     "cosine_similarity",
     "unit_rows",
     "first_argmax",
-    "gather_tokens",
     "linear_neighbors",
     "reference_neighbors",
 ]
@@ -63,13 +62,6 @@ def cosine_similarity(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
     """``[n, L, M]`` float32 cosine similarity of every query token with every key token of its frame (the measure
     :func:`nearest_neighbors` maximises): ``queries`` ``[n, L, C]``, ``keys`` ``[n, M, C]``."""
     return torch.bmm(unit_rows(queries), unit_rows(keys).transpose(1, 2))
-
-
-def gather_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``values`` ``[B, n, M, C]``, ``index`` ``[n, L]`` -> ``[B, n, L, C]``: token ``index[f, l]`` of frame ``f``."""
-    b, n, _, c = values.shape
-    idx = index[None, :, :, None].expand(b, n, index.shape[1], c)
-    return torch.gather(values, 2, idx)
 
 
 def linear_neighbors(frames: list[int], keyframes: list[int]) -> tuple[list[int], list[int], list[float]]:
